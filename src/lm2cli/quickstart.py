@@ -1,0 +1,44 @@
+"""`lm2 quickstart`: every landed stage, in order, on the bundled examples, into a fresh workspace.
+
+Each step calls the same library function as its command, so the quickstart is the pipeline a user
+would type, not a separate code path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from .config import load_recipe
+from .console import log, print_json
+from .layout import Workspace
+
+
+def _steps():
+    """(name, function(ws, recipe) -> artefact path) for each landed stage, in pipeline order."""
+    return []
+
+
+def run_quickstart(workdir, recipe_name: str, overrides: list[str], fresh: bool = True, json_out: bool = False) -> dict:
+    ws = Workspace.at(workdir)
+    recipe = load_recipe(recipe_name, overrides)
+    if fresh and ws.root.exists():
+        shutil.rmtree(ws.root)
+    ws.root.mkdir(parents=True, exist_ok=True)
+    summary = {"workdir": str(ws.root), "recipe": recipe.name, "stages": []}
+    t_all = time.perf_counter()
+    for name, step in _steps():
+        t0 = time.perf_counter()
+        log(f"== quickstart: {name}")
+        path = step(ws, recipe)
+        summary["stages"].append({"stage": name, "artefact": str(Path(path)), "seconds": round(time.perf_counter() - t0, 1)})
+        log(f"== {name} -> {path} ({time.perf_counter() - t0:.1f}s)")
+    summary["seconds"] = round(time.perf_counter() - t_all, 1)
+    if json_out:
+        print_json(summary)
+    else:
+        for s in summary["stages"]:
+            log(f"{s['stage']:<18} {s['artefact']}")
+        log(f"quickstart finished in {summary['seconds']}s; see `lm2 status --workdir {ws.root}`")
+    return summary
