@@ -172,6 +172,27 @@ def rlhf_ppo(workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: st
     _not_landed("rlhf ppo", "issue 8")
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="An lm2 checkpoint or final/ folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (HF format)."),
+    fmt: str = typer.Option("internlm2", "--format", help="internlm2 (fused wqkv) or llama (q/k/v split)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Export a checkpoint as an HF folder: config.json, model.safetensors, tokenizer files."""
+    from .export import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out, fmt)
+    if json_out:
+        from .console import print_json
+
+        print_json({"out": str(path), "format": fmt})
+    else:
+        from .console import log
+
+        log(f"exported {checkpoint} -> {path} ({fmt})")
+
+
 # ---------------------------------------------------------------------------------------------------
 # evaluation
 
