@@ -49,3 +49,30 @@ def test_status_on_empty_workspace(tmp_path):
     res = runner.invoke(app, ["status", "--workdir", str(tmp_path), "--json"])
     assert res.exit_code == 0
     assert '"artefacts": []' in res.output
+
+
+def test_status_shows_lineage(tmp_path):
+    import json
+
+    from lm2cli.layout import Workspace, write_manifest
+
+    ws = Workspace(tmp_path)
+    write_manifest(ws.prepared, "prepared", stats={"kept": 10, "rejected": 2})
+    write_manifest(ws.tokens, "tokens", inputs=[ws.prepared], stats={"tokens": 1234})
+    res = runner.invoke(app, ["status", "--workdir", str(tmp_path), "--json"])
+    assert res.exit_code == 0
+    info = json.loads(res.output)
+    by_path = {a["path"]: a for a in info["artefacts"]}
+    assert by_path["data/tokens"]["lineage"] == ["data/prepared"]
+    assert by_path["data/tokens"]["headline"] == {"tokens": 1234}
+    res = runner.invoke(app, ["status", "--workdir", str(tmp_path)])
+    assert res.exit_code == 0 and "tokens" in res.output and "prepared" in res.output
+
+
+def test_export_cli_refuses_non_checkpoint(tmp_path):
+    from lm2cli.layout import write_manifest
+
+    write_manifest(tmp_path / "tok", "tokens")
+    p = _lm2("export", str(tmp_path / "tok"), "--out", str(tmp_path / "out"), "--format", "llama")
+    assert p.returncode == 2
+    assert "not a model checkpoint" in p.stderr and not (tmp_path / "out").exists()
