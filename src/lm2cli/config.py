@@ -132,6 +132,105 @@ class TokenizeConfig:
 # Data pipeline (SPEC §4)
 
 
+def _f(value):
+    return field(default_factory=lambda: list(value) if isinstance(value, list) else dict(value))
+
+
+_EN_STOP = ["the", "be", "to", "of", "and", "that", "have", "with"]
+_ZH_STOP = ["的", "年", "在", "月", "是", "和", "日", "了", "於", "·", "為", "有", "被", "人", "中", "为", "他", "與",
+            "後", "也", "而", "由"]
+
+
+@dataclass
+class EnRules:
+    """English: Gopher quality + repetition, C4 (without terminal punctuation), FineWeb (SPEC §4.4). None = off."""
+
+    min_words: Optional[int] = 50
+    max_words: Optional[int] = 100_000
+    min_avg_word_length: Optional[float] = 3.0
+    max_avg_word_length: Optional[float] = 10.0
+    max_symbol_word_ratio: Optional[float] = 0.1  # "#" and ellipsis per word
+    max_bullet_lines_ratio: Optional[float] = 0.9
+    max_ellipsis_lines_ratio: Optional[float] = 0.3
+    min_alpha_words_ratio: Optional[float] = 0.8
+    stop_words: list = _f(_EN_STOP)
+    min_stop_words: Optional[int] = 2
+    max_dup_line_frac: Optional[float] = 0.30
+    max_dup_para_frac: Optional[float] = 0.30
+    max_dup_line_char_frac: Optional[float] = 0.20
+    max_dup_para_char_frac: Optional[float] = 0.20
+    max_top_ngram_char_frac: list = _f([0.20, 0.18, 0.16])  # n = 2, 3, 4
+    max_dup_ngram_char_frac: list = _f([0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # n = 5..10
+    c4: bool = True
+    c4_content_types: list = _f(["web"])  # C4 was built for web pages; books and papers skip it
+    c4_min_sentences: Optional[int] = 5
+    c4_min_words_per_line: Optional[int] = 3
+    c4_max_word_length: Optional[int] = 1000
+    c4_curly_bracket: bool = True
+    fw_min_line_punct_ratio: Optional[float] = 0.12
+    fw_max_short_lines_ratio: Optional[float] = 0.67
+    fw_short_line_chars: int = 30
+    fw_max_dup_line_char_ratio: Optional[float] = 0.01
+    fw_max_newlines_per_word: Optional[float] = 0.3
+    min_lid_score: Optional[float] = 0.65
+
+
+@dataclass
+class ZhRules:
+    """Chinese: FineWeb-2 cmn_Hani + ChineseWebText + YuLan, counted on mixed tokens (SPEC §4.4, P4)."""
+
+    max_short_chars: Optional[int] = 200  # drop at <= 200 non-space chars (CWT)
+    min_avg_token_length: Optional[float] = 1.0  # FW2 uses jieba words 1-5; lm2 counts mixed tokens
+    max_avg_token_length: Optional[float] = 5.0
+    max_non_alpha_tokens_ratio: Optional[float] = 0.735
+    stop_words: list = _f(_ZH_STOP)
+    min_stop_words: Optional[int] = 2
+    max_dup_line_frac: Optional[float] = 0.287
+    max_dup_para_frac: Optional[float] = None
+    max_dup_line_char_frac: Optional[float] = None
+    max_dup_para_char_frac: Optional[float] = None
+    max_top_ngram_char_frac: list = _f([0.256, 0.201, 0.171])
+    max_dup_ngram_char_frac: list = _f([0.198, 0.182, 0.167, 0.154, 0.14, 0.127])
+    fw_min_line_punct_ratio: Optional[float] = 0.106
+    fw_max_short_lines_ratio: Optional[float] = None
+    fw_short_line_chars: int = 30
+    fw_max_dup_line_char_ratio: Optional[float] = 0.1
+    fw_max_newlines_per_word: Optional[float] = 0.178
+    min_lid_score: Optional[float] = 0.692
+    cwt_min_cjk_ratio: Optional[float] = 0.3
+    cwt_min_avg_line_length: Optional[float] = 10.0
+    cwt_max_13gram_rep: Optional[float] = 0.5
+    yl_max_non_chinese_ratio: Optional[float] = 0.4
+    yl_max_tiny_lines_ratio: Optional[float] = 0.25  # lines under 3 chars
+
+
+@dataclass
+class CommonRules:
+    """lm2's own rules on every prose document (SPEC §4.4 [S])."""
+
+    max_symbol_ratio: Optional[float] = 0.25
+    max_control_ratio: Optional[float] = 0.01  # control characters and U+FFFD
+    max_punct_ratio: Optional[float] = 0.30
+    min_punct_ratio: Optional[float] = 0.005
+    max_single_token_lines_ratio: Optional[float] = 0.5
+
+
+@dataclass
+class CodeRules:
+    min_chars: Optional[int] = 20
+    max_line_length: Optional[int] = 1000
+    min_alpha_ratio: Optional[float] = 0.25
+    max_control_ratio: Optional[float] = 0.01
+
+
+@dataclass
+class RulesConfig:
+    en: EnRules = field(default_factory=EnRules)
+    zh: ZhRules = field(default_factory=ZhRules)
+    common: CommonRules = field(default_factory=CommonRules)
+    code: CodeRules = field(default_factory=CodeRules)
+
+
 @dataclass
 class DedupConfig:
     num_perm: int = 128
@@ -141,23 +240,68 @@ class DedupConfig:
     ngram: int = 5
     seed: int = 1
     scheme: str = "affine32"
+    hashfunc: str = "xxh32"  # shingle hash: xxh32 (fast) or sha1 (datasketch's default)
+    exact: bool = True  # drop exact copies by content hash first (whitespace-insensitive for code)
+    confirm: bool = True  # keep an LSH candidate pair only if its signature Jaccard >= threshold
     storage: str = "memory"  # or "redis"
     redis_host: str = "localhost"
     redis_port: int = 6379
+    redis_db: int = 0
 
     def __post_init__(self):
         _check(self.bands * self.rows <= self.num_perm, "prepare.dedup.bands * rows must be <= num_perm")
         _check(0 < self.threshold <= 1, "prepare.dedup.threshold must be in (0, 1]")
         _check(self.storage in ("memory", "redis"), "prepare.dedup.storage must be memory or redis")
+        _check(self.scheme in ("affine32", "affine64", "legacy"), "prepare.dedup.scheme must be affine32, affine64 or legacy")
+        _check(self.hashfunc in ("xxh32", "sha1"), "prepare.dedup.hashfunc must be xxh32 or sha1")
+        _check(self.ngram >= 1, "prepare.dedup.ngram must be >= 1")
+
+
+@dataclass
+class SafetyConfig:
+    """Blocklists ship in src/lm2cli/data/lists/ (editable); "" means the shipped file, "none" turns one off."""
+
+    domains: str = ""
+    en_words: str = ""
+    zh_words: str = ""
+    zh_allow: str = ""
+    en_min_hits: int = 1  # C4/LDNOOBW: one listed word drops an English document
+    zh_max_hits_per_line: float = 0.5  # ChineseWebText
+    toxic_model: str = ""  # "" = <workdir>/data/classifiers/toxic.npz if present; "none" = off
+    toxic_threshold: float = 0.5  # drop when P(toxic) >= this
+
+
+@dataclass
+class QualityConfig:
+    ad_model: str = ""  # "" = <workdir>/data/classifiers/ad.npz if present; "none" = off
+    ad_threshold: float = 0.5  # keep when not_ad_score >= this
+    fluency_model: str = ""
+    fluency_threshold: float = 0.5  # keep when fluency_score >= this
+    perplexity_model: str = ""  # an lm2 checkpoint folder; "" = off
+    max_perplexity: float = 0.0  # 0 = only record the score
 
 
 @dataclass
 class PrepareConfig:
     workers: int = 1
+    task_mb: float = 64.0  # input bytes per task (one kept part each); big JSONL files are split by range
+    max_record_mb: float = 16.0  # longer lines/files are rejected as too large, never loaded whole
+    languages: list = _f(["zh", "en", "code", "mixed"])  # others are rejected at classify
+    types: dict = _f({})  # path glob -> content type, for sources whose metadata does not say
+    rules: RulesConfig = field(default_factory=RulesConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self):
         _check(self.workers >= 1, "prepare.workers must be >= 1")
+        _check(self.task_mb > 0, "prepare.task_mb must be positive")
+        _check(self.max_record_mb > 0, "prepare.max_record_mb must be positive")
+        for glob, kind in self.types.items():
+            _check(kind in CONTENT_TYPES, f"prepare.types[{glob!r}] must be one of {', '.join(CONTENT_TYPES)}")
+
+
+CONTENT_TYPES = ("web", "book", "paper", "patent", "code", "other")
 
 
 # ---------------------------------------------------------------------------------------------------
