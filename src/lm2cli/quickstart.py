@@ -15,9 +15,23 @@ from .console import log, print_json
 from .layout import Workspace
 
 
+def _build_vocab(ws: Workspace, recipe) -> Path:
+    from .tokenizer import run_build_vocab
+
+    return run_build_vocab(ws, recipe)
+
+
+def _tokenize(ws: Workspace, recipe) -> Path:
+    from .tokens import run_tokenize
+
+    return run_tokenize(ws, recipe)
+
+
 def _steps():
     """(name, function(ws, recipe) -> artefact path) for each landed stage, in pipeline order."""
-    return []
+    steps = []
+    steps += [("build-vocab", _build_vocab), ("tokenize", _tokenize)]
+    return steps
 
 
 def run_quickstart(workdir, recipe_name: str, overrides: list[str], fresh: bool = True, json_out: bool = False) -> dict:

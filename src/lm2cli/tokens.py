@@ -1,0 +1,566 @@
+"""Binary token shards: `lm2 tokenize` (prepared JSONL -> <workdir>/data/tokens/) and `TokenStore`, the
+reader pretraining streams from. This docstring is the format's specification (version 1).
+
+Layout::
+
+    data/tokens/
+      manifest.json            kind "tokens": per-split token/doc counts, dtype, tokenizer fingerprint
+      tokenizer/               the tokenizer the ids belong to (`Tokenizer.load`), so the folder is self-contained
+      train/<split>.bin        token ids of the training documents of one split
+      train/<split>.idx        document start offsets into the .bin
+      val/<split>.bin|.idx     held-out documents, same format
+      rejected.jsonl           prepared lines that could not be tokenized: {"file", "offset", "reason"}
+
+A split is `<lang>.<content_type>` of the prepared records (`zh.web`, `en.book`, `code.code`, ...;
+lowercased, other characters as `_`, missing fields as `unk`), so a recipe can weight a mixture by name
+or prefix. A document goes to `val/` when `blake2b("<seed>\\0<id>") / 2**64 < val_fraction`
+(`tokenize.seed`, `tokenize.val_fraction`; the text's sha1 stands in for a missing id): held out by
+document, deterministic, independent of worker count and order, and train/val are disjoint.
+
+Both files start with a 1024-byte header of 256 little-endian int32; unused slots are 0:
+
+    slot 0     magic: 0x4C4D3254 ("LM2T") in .bin, 0x4C4D3249 ("LM2I") in .idx
+    slot 1     version: 1
+    slots 2-3  number of items that follow, as one int64 (tokens in .bin; num_docs + 1 in .idx)
+    slot 4     bytes per item: 2 (uint16) or 4 (uint32) in .bin; 8 (int64) in .idx
+    slot 5     the tokenizer's vocab_size
+    slots 6-7  number of documents, as one int64
+
+then the items, little-endian. Ids are uint16 when vocab_size <= 65,536, else uint32 (92,544 does not
+fit: SPEC §3.3). `.idx` holds each document's start offset in tokens plus a final sentinel equal to the
+token count, so document i is `tokens[starts[i]:starts[i+1]]`. Each document is `<s>` + ids + `</s>`
+(`tokenize.prepend_bos`, `tokenize.append_eos`; InternEvo's tokenizer tool also wraps documents this
+way): training packs documents back to back and resets positions at each start (SPEC §5.2), so the
+BOS marks a boundary the model sees and the EOS teaches it to stop. Ids are the tokenizer's plain-text
+ids: a document never contains a special token other than these two.
+
+Writing is parallel over processes and resumable: prepared shards are cut into byte ranges (chunks,
+whole lines), each worker writes a finished chunk under `data/.tokens.partial/chunks/<id>/` by rename,
+and a rerun skips finished chunks as long as the tokenizer, input and settings are the same (`--force`
+starts over). The final folder is assembled beside `data/tokens/` and moved into place with its
+manifest, so `data/tokens/` is either the old complete set or the new one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import InputError, Lm2Error, WrongArtefact
+from .tokenizer import Tokenizer, prepared_files
+
+if TYPE_CHECKING:
+    from .config import Recipe, TokenizeConfig
+    from .layout import Workspace
+
+VERSION = 1
+MAGIC_BIN = 0x4C4D3254
+MAGIC_IDX = 0x4C4D3249
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+PARTS = ("train", "val")
+TOKENIZER_DIR = "tokenizer"
+REJECTED = "rejected.jsonl"
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def split_name(record: dict) -> str:
+    return f"{_clean(record.get('lang'))}.{_clean(record.get('content_type'))}"
+
+
+def _clean(value) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "_", str(value or "").lower()).strip("_") or "unk"
+
+
+def is_val(doc_key: str, seed: int, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}\0{doc_key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "little") < fraction * 2.0**64
+
+
+# ---------------------------------------------------------------------------------------------------
+# Headers
+
+
+def make_header(magic: int, count: int, itemsize: int, vocab_size: int, num_docs: int) -> bytes:
+    h = np.zeros(HEADER_INTS, dtype="<i4")
+    h[0], h[1], h[4], h[5] = magic, VERSION, itemsize, vocab_size
+    h[2:4] = np.array([count], dtype="<i8").view("<i4")
+    h[6:8] = np.array([num_docs], dtype="<i8").view("<i4")
+    return h.tobytes()
+
+
+def read_header(path: Path, magic: int) -> dict:
+    """Parse and check a .bin/.idx header against the file's size; WrongArtefact names the problem."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise WrongArtefact(f"{path} is too short for an lm2 token header")
+    h = np.frombuffer(raw, dtype="<i4")
+    if h[0] != magic:
+        raise WrongArtefact(f"{path} is not an lm2 token file (magic {int(h[0]):#x}, expected {magic:#x})")
+    if h[1] != VERSION:
+        raise WrongArtefact(f"{path} is format version {int(h[1])}; this lm2 reads version {VERSION}")
+    count = int(h[2:4].view("<i8")[0])
+    itemsize = int(h[4])
+    expected = HEADER_BYTES + count * itemsize
+    if path.stat().st_size != expected:
+        raise WrongArtefact(f"{path} has {path.stat().st_size} bytes; its header promises {expected} (truncated?)")
+    return {"count": count, "itemsize": itemsize, "vocab_size": int(h[5]), "num_docs": int(h[6:8].view("<i8")[0])}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reader
+
+
+@dataclass
+class Split:
+    """One split of one part: a flat token array and its document starts (memory-mapped)."""
+
+    name: str
+    part: str
+    bin_path: Path
+    idx_path: Path
+
+    @functools.cached_property
+    def _bin_header(self) -> dict:
+        return read_header(self.bin_path, MAGIC_BIN)
+
+    @functools.cached_property
+    def tokens(self) -> np.memmap:
+        h = self._bin_header
+        dtype = {2: "<u2", 4: "<u4"}.get(h["itemsize"])
+        if dtype is None:
+            raise WrongArtefact(f"{self.bin_path}: unsupported item size {h['itemsize']}")
+        return np.memmap(self.bin_path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(h["count"],))
+
+    @functools.cached_property
+    def starts(self) -> np.ndarray:
+        """Document start offsets (int64), with a final sentinel equal to the token count."""
+        h = read_header(self.idx_path, MAGIC_IDX)
+        starts = np.memmap(self.idx_path, dtype="<i8", mode="r", offset=HEADER_BYTES, shape=(h["count"],))
+        if h["count"] != h["num_docs"] + 1 or starts[-1] != self._bin_header["count"] or starts[0] != 0:
+            raise WrongArtefact(f"{self.idx_path} does not index {self.bin_path}")
+        return starts
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self._bin_header["count"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._bin_header["vocab_size"]
+
+    def doc(self, i: int) -> np.ndarray:
+        return self.tokens[self.starts[i] : self.starts[i + 1]]
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+
+class TokenStore:
+    """`data/tokens/` as written by `lm2 tokenize`: `TokenStore(dir).splits("train")["zh.web"].doc(0)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        from .layout import read_manifest
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, kinds=("tokens",), what="token shards")
+        fmt = self.manifest.get("format", {})
+        if fmt.get("version") != VERSION:
+            raise WrongArtefact(f"{self.path} holds token format {fmt.get('version')}; this lm2 reads {VERSION}")
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["format"]["dtype"])
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer these ids belong to (the copy kept beside the shards)."""
+        tok = Tokenizer.load(self.path / TOKENIZER_DIR)
+        self.require_tokenizer(tok)
+        return tok
+
+    def require_tokenizer(self, tok: Tokenizer) -> None:
+        """Refuse a tokenizer other than the one the shards were written with."""
+        if tok.fingerprint != self.tokenizer_fingerprint:
+            raise InputError(f"{self.path} was tokenized with {self.tokenizer_fingerprint}, not {tok.fingerprint} "
+                             "(rerun `lm2 tokenize` or use the matching tokenizer)")
+
+    def splits(self, part: str = "train") -> dict[str, Split]:
+        if part not in PARTS:
+            raise InputError(f"unknown part {part!r}; expected train or val")
+        names = sorted(self.manifest["stats"]["splits"].get(part, {}))
+        return {n: Split(n, part, self.path / part / f"{n}.bin", self.path / part / f"{n}.idx") for n in names}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writer: chunks
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    path: str
+    start: int
+    end: int
+
+
+def plan_chunks(files: list[Path], chunk_bytes: int) -> list[Chunk]:
+    chunks = []
+    for fi, path in enumerate(files):
+        size = path.stat().st_size
+        n = max(1, -(-size // chunk_bytes))
+        for ci in range(n):
+            chunks.append(Chunk(f"{fi:05d}-{ci:05d}", str(path), ci * chunk_bytes, min((ci + 1) * chunk_bytes, size)))
+    return chunks
+
+
+def default_chunk_bytes(total: int) -> int:
+    """Enough chunks to balance many workers, few enough that per-chunk overhead stays small."""
+    return int(min(64 << 20, max(1 << 20, total // 64)))
+
+
+def _lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for the lines that start inside [start, end)."""
+    with open(chunk.path, "rb") as f:
+        pos = chunk.start
+        if pos > 0:
+            f.seek(pos - 1)
+            pos += len(f.readline()) - 1
+        while pos < chunk.end:
+            line = f.readline()
+            if not line:
+                break
+            yield pos, line
+            pos += len(line)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, settings: dict) -> None:
+    _WORKER["tok"] = Tokenizer.load(tokenizer_dir)
+    _WORKER["settings"] = settings
+
+
+def _tokenize_chunk(chunk: Chunk, work: str) -> dict:
+    """Tokenize one chunk into `<work>/chunks/<id>/`; returns its counts (also saved as done.json)."""
+    tok: Tokenizer = _WORKER["tok"]
+    s = _WORKER["settings"]
+    dtype = dtype_for(tok.vocab_size)
+    bos = np.array([tok.bos_id], dtype=np.uint32) if s["prepend_bos"] else None
+    eos = np.array([tok.eos_id], dtype=np.uint32) if s["append_eos"] else None
+    pieces: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+    lengths: dict[tuple[str, str], list[int]] = defaultdict(list)
+    text_bytes: Counter = Counter()
+    rejected = []
+    name = Path(chunk.path).name
+    for offset, line in _lines(chunk):
+        if not line.strip():
+            continue
+        rec, reason = _parse(line)
+        if reason:
+            rejected.append({"file": name, "offset": offset, "reason": reason})
+            continue
+        text = rec["text"]
+        doc_id = rec.get("id")
+        key_id = str(doc_id) if doc_id is not None else hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+        key = ("val" if is_val(key_id, s["seed"], s["val_fraction"]) else "train", split_name(rec))
+        ids = tok.encode_to_numpy(text)
+        n = len(ids)
+        if bos is not None:
+            pieces[key].append(bos)
+            n += 1
+        pieces[key].append(ids)
+        if eos is not None:
+            pieces[key].append(eos)
+            n += 1
+        lengths[key].append(n)
+        text_bytes[key] += len(text.encode("utf-8", "replace"))
+    out = Path(work) / "chunks" / chunk.id
+    tmp = out.with_name(f"{chunk.id}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits: dict[str, dict] = defaultdict(dict)
+    for (part, split), arrays in pieces.items():
+        ids = np.concatenate(arrays)
+        if ids.size and int(ids.max()) >= tok.vocab_size:  # cheap next to BPE; guards the dtype cast
+            raise Lm2Error(f"chunk {chunk.id}: id {int(ids.max())} outside the vocabulary ({tok.vocab_size})")
+        (tmp / part).mkdir(parents=True, exist_ok=True)
+        ids.astype(dtype).tofile(tmp / part / f"{split}.tok")
+        np.asarray(lengths[(part, split)], dtype="<i8").tofile(tmp / part / f"{split}.len")
+        splits[part][split] = {"tokens": int(ids.size), "docs": len(lengths[(part, split)]),
+                               "text_bytes": int(text_bytes[(part, split)])}
+    result = {"id": chunk.id, "bytes": chunk.end - chunk.start, "splits": splits, "rejected": rejected}
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "done.json").write_text(json.dumps(result))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return result
+
+
+def _parse(line: bytes) -> tuple[dict | None, str]:
+    try:
+        rec = json.loads(line)
+    except UnicodeDecodeError:
+        return None, "invalid utf-8"
+    except ValueError as e:
+        return None, f"invalid json: {e.msg if hasattr(e, 'msg') else e}"
+    if not isinstance(rec, dict):
+        return None, "not a json object"
+    if not isinstance(rec.get("text"), str):
+        return None, "no text field"
+    if not rec["text"]:
+        return None, "empty text"
+    return rec, ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writer: the command
+
+
+def tokenize_dir(
+    prepared: Path,
+    out: Path,
+    tok: Tokenizer,
+    cfg: TokenizeConfig,
+    *,
+    workers: int = 1,
+    force: bool = False,
+    chunk_bytes: int | None = None,
+    tokenizer_source: str = "",
+) -> dict:
+    """Tokenize a prepared folder into `out`; returns the manifest. Resumes unfinished work."""
+    from .console import log, progress
+    from .layout import describe_input, staging_dir, write_manifest
+
+    files = prepared_files(prepared)
+    dtype = dtype_for(tok.vocab_size)
+    if tok.vocab_size > np.iinfo(dtype).max + 1:
+        raise InputError(f"vocabulary of {tok.vocab_size} does not fit {dtype.name}")
+    settings = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "prepend_bos": cfg.prepend_bos,
+                "append_eos": cfg.append_eos}
+    total = sum(f.stat().st_size for f in files)
+    job = {
+        "format": VERSION,
+        "tokenizer": tok.fingerprint,
+        "input": describe_input(prepared).get("fingerprint"),
+        "files": [[f.name, f.stat().st_size] for f in files],
+        "settings": settings,
+    }
+    job_key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+    if not force and (out / "manifest.json").exists():
+        old = json.loads((out / "manifest.json").read_text())
+        if old.get("kind") == "tokens" and old.get("job_key") == job_key:
+            log(f"tokens {out} are up to date (--force redoes them)")
+            return old
+    work = out.parent / f".{out.name}.partial"
+    job_file = work / "job.json"
+    if force or not job_file.exists() or json.loads(job_file.read_text()).get("key") != job_key:
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "chunks").mkdir(parents=True)
+        tok.save(work / TOKENIZER_DIR)
+        job_file.write_text(json.dumps({"key": job_key, "chunk_bytes": chunk_bytes or default_chunk_bytes(total), **job}))
+    chunk_bytes = json.loads(job_file.read_text())["chunk_bytes"]
+    chunks = plan_chunks(files, chunk_bytes)
+    done = {c.id: json.loads((work / "chunks" / c.id / "done.json").read_text())
+            for c in chunks if (work / "chunks" / c.id / "done.json").exists()}
+    todo = [c for c in chunks if c.id not in done]
+    workers = max(1, min(workers, len(todo) or 1))
+    if done:
+        log(f"tokenize: resuming, {len(done)}/{len(chunks)} chunks already done")
+    log(f"tokenize: {len(files)} shards ({total / 1e6:.1f} MB) -> {out} with {tok.name} (vocab {tok.vocab_size}, "
+        f"{dtype.name}), {workers} worker{'s' if workers > 1 else ''}")
+    t0 = time.perf_counter()
+    with progress("tokenize", total=sum(c.end - c.start for c in todo)) as task:
+        for result in _run_chunks(todo, work, settings, workers, tok):
+            done[result["id"]] = result
+            task.advance(result["bytes"], info=f"{sum(_count(r) for r in done.values()):,} tokens")
+    seconds_tok = time.perf_counter() - t0
+    with staging_dir(out) as tmp:
+        splits = _assemble([done[c.id] for c in chunks], work, tmp, tok.vocab_size, dtype)
+        shutil.copytree(work / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        rejected = [r for c in chunks for r in done[c.id]["rejected"]]
+        if rejected:
+            (tmp / REJECTED).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+        stats = _stats(splits, rejected, total, seconds_tok, workers)
+        manifest = write_manifest(
+            tmp, "tokens", config=cfg, inputs=[prepared], stats=stats, job_key=job_key,
+            format={"version": VERSION, "dtype": dtype.name, "header_bytes": HEADER_BYTES,
+                    "prepend_bos": cfg.prepend_bos, "append_eos": cfg.append_eos},
+            tokenizer={"fingerprint": tok.fingerprint, "name": tok.name, "vocab_size": tok.vocab_size,
+                       "source": tokenizer_source or tok.name, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                       # id 0 is <unk> in built vocabularies (never emitted) but cl100k's "!" in the default (P10)
+                       "id0_occurs": tok.unk_id != 0},
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _count(result: dict) -> int:
+    return sum(v["tokens"] for part in result["splits"].values() for v in part.values())
+
+
+def _run_chunks(todo: list[Chunk], work: Path, settings: dict, workers: int, tok: Tokenizer) -> Iterator[dict]:
+    if not todo:
+        return
+    if workers == 1:
+        _WORKER.update(tok=tok, settings=settings)
+        for chunk in todo:
+            yield _tokenize_chunk(chunk, str(work))
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: the parent may hold Rich's render thread and its locks.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(str(work / TOKENIZER_DIR), settings)) as pool:
+        pending = {pool.submit(_tokenize_chunk, c, str(work)) for c in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    yield fut.result()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _assemble(results: list[dict], work: Path, out: Path, vocab_size: int, dtype: np.dtype) -> dict:
+    """Concatenate chunk outputs (in chunk order) into one .bin/.idx per part and split."""
+    splits: dict[str, dict[str, dict]] = {p: {} for p in PARTS}
+    for part in PARTS:
+        names = sorted({n for r in results for n in r["splits"].get(part, {})})
+        for name in names:
+            have = [r for r in results if name in r["splits"].get(part, {})]
+            n_tok = sum(r["splits"][part][name]["tokens"] for r in have)
+            lens = np.concatenate([np.fromfile(work / "chunks" / r["id"] / part / f"{name}.len", dtype="<i8")
+                                   for r in have])
+            starts = np.zeros(len(lens) + 1, dtype="<i8")
+            np.cumsum(lens, out=starts[1:])
+            assert starts[-1] == n_tok
+            (out / part).mkdir(parents=True, exist_ok=True)
+            with open(out / part / f"{name}.bin", "wb") as f:
+                f.write(make_header(MAGIC_BIN, n_tok, dtype.itemsize, vocab_size, len(lens)))
+                for r in have:
+                    with open(work / "chunks" / r["id"] / part / f"{name}.tok", "rb") as src:
+                        shutil.copyfileobj(src, f, 16 << 20)
+            with open(out / part / f"{name}.idx", "wb") as f:
+                f.write(make_header(MAGIC_IDX, len(starts), 8, vocab_size, len(lens)))
+                f.write(starts.tobytes())
+            splits[part][name] = {"tokens": n_tok, "docs": len(lens),
+                                  "text_bytes": sum(r["splits"][part][name]["text_bytes"] for r in have)}
+    return splits
+
+
+def _stats(splits: dict, rejected: list[dict], total_bytes: int, seconds: float, workers: int) -> dict:
+    tokens = {p: sum(v["tokens"] for v in splits[p].values()) for p in PARTS}
+    docs = {p: sum(v["docs"] for v in splits[p].values()) for p in PARTS}
+    n = tokens["train"] + tokens["val"]
+    return {
+        "splits": splits,
+        "tokens": tokens,
+        "docs": docs,
+        "rejected": {"count": len(rejected), "by_reason": dict(Counter(r["reason"].split(":")[0] for r in rejected))},
+        "input_bytes": total_bytes,
+        "text_bytes_per_token": round(sum(v["text_bytes"] for p in PARTS for v in splits[p].values()) / max(n, 1), 3),
+        "workers": workers,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(n / max(seconds, 1e-9)),
+    }
+
+
+def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None, tokenizer: str | None = None,
+                 workers: int | None = None, force: bool = False, json_out: bool = False) -> Path:
+    """`lm2 tokenize`: <workdir>/data/prepared/ -> <workdir>/data/tokens/ (manifest kind `tokens`).
+
+    `tokenizer`: a saved tokenizer folder, `cl100k` for the default one, or None for the workspace's
+    built `tokenizer/` when present, else the default.
+    """
+    from .console import log, print_json
+    from .layout import require_input
+    from .tokenizer import _workers
+
+    prepared, _ = require_input(prepared or (ws.prepared if ws.prepared.exists() else None), ("prepared",),
+                                "prepared data", "run `lm2 prepare` first or pass --input")
+    tok, source = resolve_tokenizer(ws, tokenizer)
+    n = _workers(workers if workers is not None else recipe.tokenize.workers)
+    manifest = tokenize_dir(prepared, ws.tokens, tok, recipe.tokenize, workers=n, force=force, tokenizer_source=source)
+    stats = manifest["stats"]
+    if json_out:
+        print_json({"tokens": str(ws.tokens), "tokenizer": manifest["tokenizer"], **stats})
+    else:
+        _print_report(manifest)
+        log(f"tokens -> {ws.tokens} ({stats['tokens']['train']:,} train / {stats['tokens']['val']:,} val tokens, "
+            f"{stats['seconds']}s)")
+    return ws.tokens
+
+
+def resolve_tokenizer(ws: Workspace, spec: str | None) -> tuple[Tokenizer, str]:
+    """(tokenizer, where it came from) for `--tokenizer`."""
+    if spec in ("cl100k", "default"):
+        return Tokenizer.default(), "default (cl100k)"
+    if spec:
+        from .layout import read_manifest
+
+        path = Path(spec)
+        if (path / "manifest.json").exists():
+            read_manifest(path, kinds=("tokenizer",), what="tokenizer")
+        return Tokenizer.load(path), str(path.resolve())
+    if ws.tokenizer.exists():
+        return Tokenizer.from_workspace(ws), str(ws.tokenizer)
+    return Tokenizer.default(), "default (cl100k; no built tokenizer/ in the workspace)"
+
+
+def _print_report(manifest: dict) -> None:
+    from rich.table import Table
+
+    from .console import err
+
+    stats = manifest["stats"]
+    table = Table(title=f"token shards ({manifest['format']['dtype']}, tokenizer {manifest['tokenizer']['source']})",
+                  title_justify="left")
+    for col in ("split", "train docs", "train tokens", "val docs", "val tokens", "bytes/token"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    names = sorted(set(stats["splits"]["train"]) | set(stats["splits"]["val"]))
+    for name in names:
+        tr = stats["splits"]["train"].get(name, {"docs": 0, "tokens": 0, "text_bytes": 0})
+        va = stats["splits"]["val"].get(name, {"docs": 0, "tokens": 0, "text_bytes": 0})
+        bpt = (tr["text_bytes"] + va["text_bytes"]) / max(tr["tokens"] + va["tokens"], 1)
+        table.add_row(name, f"{tr['docs']:,}", f"{tr['tokens']:,}", f"{va['docs']:,}", f"{va['tokens']:,}", f"{bpt:.2f}")
+    err.print(table)
+    if stats["rejected"]["count"]:
+        from .console import warn
+
+        warn(f"{stats['rejected']['count']} prepared lines could not be tokenized ({stats['rejected']['by_reason']}); "
+             f"see {REJECTED}")
