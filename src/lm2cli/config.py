@@ -392,12 +392,20 @@ class SFTConfig:
 
 @dataclass
 class RewardConfig:
-    gamma: float = 2.0  # focal ranking loss
-    barrier_lambda: float = 0.02
+    gamma: float = 2.0  # focal ranking loss; 0 = plain Bradley-Terry
+    barrier_lambda: float = 0.02  # report value (xtuner: 0.01, SPEC P17)
     barrier_bound: float = 5.0
-    tokens_per_batch: int = 4096
-    held_out_fraction: float = 0.1
+    tokens_per_batch: int = 4096  # padded tokens per batch, chosen + rejected together
+    held_out_fraction: float = 0.1  # per condition, for the held-out accuracy
+    use_conditions: bool = True  # false: no condition system prompt (the report's ablation)
     train: TrainConfig = _stage(seq_len=1024, epochs=1.0, lr=1e-5, min_lr_ratio=0.5, weight_decay=0.01)
+
+    def __post_init__(self):
+        _check(self.gamma >= 0, "rlhf.reward.gamma must be >= 0")
+        _check(self.barrier_lambda >= 0, "rlhf.reward.barrier_lambda must be >= 0")
+        _check(self.barrier_bound > 0, "rlhf.reward.barrier_bound must be positive")
+        _check(self.tokens_per_batch >= 2, "rlhf.reward.tokens_per_batch must be >= 2")
+        _check(0 <= self.held_out_fraction < 1, "rlhf.reward.held_out_fraction must be in [0, 1)")
 
 
 @dataclass
@@ -411,23 +419,55 @@ class PPOConfig:
     gamma: float = 1.0
     clip_eps: float = 0.2
     ptx_coef: float = 0.5
+    ptx_data: str = ""  # "": the workspace's data/tokens if any; a JSONL path (chat `messages` or `text`); "none"
+    ptx_batch_size: int = 4
+    ptx_seq_len: int = 256
     top_p: float = 0.9
+    top_k: int = 0
     temperature: float = 1.0
-    normalize_advantages: bool = False
-    value_clip: Optional[float] = None
+    normalize_advantages: bool = False  # report: off
+    value_clip: Optional[float] = None  # report: none (xtuner 0.5)
     reward_clip: float = 5.0
-    critic_warmup: int = 10
+    critic_warmup: int = 10  # critic-only iterations (report 50, xtuner 20)
     actor_lr: float = 1e-5
     critic_lr: float = 5e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
     ppo_epochs: int = 1
+    minibatches: int = 1  # optimiser steps per PPO epoch, each on a share of the iteration's responses
+    generate_batch_size: int = 32
+    save_every: int = 25
+    keep_last: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        _check(self.iterations >= 1 and self.prompts_per_iteration >= 1, "rlhf.ppo.iterations and prompts_per_iteration must be >= 1")
+        _check(self.max_prompt_len >= 1 and self.max_new_tokens >= 1, "rlhf.ppo.max_prompt_len and max_new_tokens must be >= 1")
+        _check(0 < self.top_p <= 1, "rlhf.ppo.top_p must be in (0, 1]")
+        _check(self.temperature > 0, "rlhf.ppo.temperature must be positive (PPO samples)")
+        _check(0 <= self.gae_lambda <= 1 and 0 <= self.gamma <= 1, "rlhf.ppo.gae_lambda and gamma must be in [0, 1]")
+        _check(self.clip_eps > 0, "rlhf.ppo.clip_eps must be positive")
+        _check(self.kl_coef >= 0 and self.ptx_coef >= 0, "rlhf.ppo.kl_coef and ptx_coef must be >= 0")
+        _check(self.critic_warmup >= 0, "rlhf.ppo.critic_warmup must be >= 0")
+        _check(self.actor_lr > 0 and self.critic_lr > 0, "rlhf.ppo.actor_lr and critic_lr must be positive")
+        _check(self.ppo_epochs >= 1 and self.minibatches >= 1, "rlhf.ppo.ppo_epochs and minibatches must be >= 1")
+        _check(self.save_every >= 1 and self.keep_last >= 1, "rlhf.ppo.save_every and keep_last must be >= 1")
 
 
 @dataclass
 class OnlineConfig:
     rounds: int = 3
-    patch_pairs_min: int = 20
+    patch_pairs_min: int = 20  # fewer candidate pairs than this: the pattern is not patched
     patch_pairs_max: int = 100
+    window: float = 0.25  # early / late = the first / last share of a round's actor iterations
+    length_ratio: float = 1.5  # late/early mean response length that counts as a length blow-up
+    repetition_delta: float = 0.1  # rise in repeated-3-gram share that counts as repetition
+
+    def __post_init__(self):
+        _check(self.rounds >= 1, "rlhf.online.rounds must be >= 1")
+        _check(1 <= self.patch_pairs_min <= self.patch_pairs_max, "rlhf.online.patch_pairs_min must be in [1, patch_pairs_max]")
+        _check(0 < self.window <= 0.5, "rlhf.online.window must be in (0, 0.5]")
+        _check(self.length_ratio > 1, "rlhf.online.length_ratio must be > 1")
 
 
 @dataclass
@@ -440,10 +480,18 @@ class RLHFConfig:
                     "and incite nothing harmful.",
         "code": "Consider the code in the response: it should be correct, readable and efficient.",
         "math": "Consider the mathematics in the response: it should be correct and reason step by step.",
+        # The COOL demo's conflicting pair (examples/rlhf/, synthetic.preference_pairs).
+        "brief": "Answer with the result only, as briefly as possible.",
+        "detailed": "Answer step by step: show the working, then the result.",
     })
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+
+    def __post_init__(self):
+        self.conditions.setdefault("default", "")  # "default" = no system message, always available
+        for key, text in self.conditions.items():
+            _check(isinstance(text, str), f"rlhf.conditions.{key} must be a system prompt string")
 
 
 # ---------------------------------------------------------------------------------------------------
