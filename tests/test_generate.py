@@ -120,3 +120,88 @@ def test_score_logprobs_match_log_softmax_with_left_padding(model):
             ref = model(torch.tensor([p]))[0].log_softmax(-1)
             want = ref[:-1].gather(-1, torch.tensor(p[1:])[:, None])[:, 0]
             torch.testing.assert_close(lp[r, width - len(p):], want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `lm2 generate` and `lm2 chat` on a saved checkpoint
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from lm2cli.chat import encode_prompt  # noqa: E402
+from lm2cli.config import TokenizerConfig  # noqa: E402
+from lm2cli.layout import write_manifest  # noqa: E402
+from lm2cli.model import save_model  # noqa: E402
+from lm2cli.tokenizer import build_vocab  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tok = build_vocab(TokenizerConfig(n_en=600, n_zh=0, n_spare=16), Counter())[0]
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(1)
+    m = InternLM2(cfg).eval()
+    path = save_model(m, tmp_path_factory.mktemp("ckpt") / "final", tokenizer=tok)
+    write_manifest(path, "checkpoint")
+    return path, m, tok
+
+
+def _lm2(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "lm2cli.cli", *args], input=stdin, capture_output=True, text=True,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_lm2_generate_file_keeps_fields_and_matches_the_engine(checkpoint, tmp_path):
+    path, m, tok = checkpoint
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "Hello there"}]},
+            {"id": "b", "prompt": "Once upon a time"},
+            {"id": "c", "messages": [{"role": "wizard", "content": "x"}]},
+            {"id": "d", "messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "What is <|im_end|>?"}]}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    p = _lm2("generate", str(path), "-i", str(src), "-o", str(dst), "--max-new-tokens", "7", "--batch-size", "2")
+    assert p.returncode == 0, p.stderr
+    out = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [o.get("id") for o in out] == ["a", "b", "c", "d", None]
+    assert out[2]["error"].startswith("unknown-role") and "completion" not in out[2]
+    assert out[4]["error"].startswith("invalid-json")
+    prompts = [encode_prompt(tok, rows[0]["messages"]), tok.encode("Once upon a time", bos=True),
+               encode_prompt(tok, rows[3]["messages"])]
+    want = generate(m, prompts, 7, stop_ids=tok.stop_ids)
+    for o, w in zip([out[0], out[1], out[3]], want):
+        assert o["completion"] == tok.decode(w)
+        assert o["finish_reason"] == ("length" if len(w) == 7 else "stop")
+        assert {k: v for k, v in o.items() if k not in ("completion", "finish_reason")} == rows[out.index(o)]
+
+
+def test_lm2_generate_refuses_a_stage_folder_in_one_line(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    stage = path.parent
+    write_manifest(stage, "sft")
+    p = _lm2("generate", str(stage), "-i", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "y.jsonl"))
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "'sft' artefact" in p.stderr and "final" in p.stderr
+    p = _lm2("generate", "-w", str(tmp_path / "empty"), "-i", "x.jsonl", "-o", "y.jsonl")
+    assert p.returncode == 2 and "no CHECKPOINT given" in p.stderr
+
+
+def test_lm2_chat_through_a_pipe(checkpoint):
+    path, m, tok = checkpoint
+    script = "Hello\n\n/system Answer briefly.\nAnd now?\n/reset\nHello\n/bogus\n/exit\nnever read\n"
+    p = _lm2("chat", str(path), "--temperature", "0", "--max-new-tokens", "6", stdin=script)
+    assert p.returncode == 0, p.stderr
+    # The same conversation by hand: ids of each turn, the model's own reply tokens kept verbatim.
+    closing = [tok.im_end_id] + tok.encode("\n")
+    first = encode_prompt(tok, [{"role": "user", "content": "Hello"}])
+    r1 = generate(m, [first], 6, stop_ids=tok.stop_ids)[0]
+    system = encode_prompt(tok, [{"role": "system", "content": "Answer briefly."}])[:-len(tok.encode("assistant\n")) - 1]
+    second = system + first[1:] + r1 + closing + encode_prompt(tok, [{"role": "user", "content": "And now?"}])[1:]
+    r2 = generate(m, [second], 6, stop_ids=tok.stop_ids)[0]
+    r3 = generate(m, [system + first[1:]], 6, stop_ids=tok.stop_ids)[0]  # /reset forgot the turns, not the system
+    assert p.stdout == "".join(tok.decode(r) + "\n" for r in (r1, r2, r3))
+    assert r3 != r1
+    assert "unknown command /bogus" in p.stderr

@@ -185,6 +185,66 @@ def sft(
     _not_landed("sft", "issue 7")
 
 
+CheckpointArg = typer.Argument(None, help="Model folder: a final/, checkpoints/step-*/ or HF export "
+                               "(default: the run's latest finished stage).")
+MaxNewOpt = typer.Option(256, "--max-new-tokens", min=0, help="Most tokens to generate per prompt.")
+TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus mass kept when sampling (1: off).")
+TopKOpt = typer.Option(0, "--top-k", min=0, help="Most likely tokens kept when sampling (0: off).")
+DeviceOpt = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu).")
+
+
+@app.command("generate")
+def generate_cmd(
+    checkpoint: Optional[Path] = CheckpointArg,
+    input_: Path = typer.Option(..., "--input", "-i", help="JSONL: `messages` (chat template applied) or `prompt` "
+                                "(raw text after BOS) per line."),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL: each input line plus `completion` and "
+                                "`finish_reason`."),
+    max_new_tokens: int = MaxNewOpt,
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = TopPOpt,
+    top_k: int = TopKOpt,
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts decoded together."),
+    device: Optional[str] = DeviceOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Batched generation (KV cache) over a prompts file; stops on </s> and <|im_end|>."""
+    from .console import log, print_json
+    from .generate import resolve_checkpoint, run_generate
+    from .layout import Workspace
+
+    ckpt = resolve_checkpoint(Workspace.at(workdir), run, checkpoint)
+    summary = run_generate(ckpt, input_, output, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, device=device)
+    print_json(summary) if json_out else log(f"{summary['prompts']} completions -> {output}"
+                                             + (f" ({summary['errors']} lines with errors)" if summary["errors"] else ""))
+
+
+@app.command("chat")
+def chat_cmd(
+    checkpoint: Optional[Path] = CheckpointArg,
+    system: str = typer.Option("", "--system", help="System prompt (change it in the chat with /system)."),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0: greedy (InternLM2 chat: 0.8)."),
+    top_p: float = typer.Option(0.8, "--top-p", min=0.0, max=1.0, help="Nucleus mass (InternLM2 chat: 0.8)."),
+    top_k: int = TopKOpt,
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: random)."),
+    device: Optional[str] = DeviceOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+) -> None:
+    """Chat in the terminal with the InternLM2 template: /reset, /system <text>, /exit. Reads stdin line by line."""
+    from .generate import resolve_checkpoint, run_chat
+    from .layout import Workspace
+
+    ckpt = resolve_checkpoint(Workspace.at(workdir), run, checkpoint)
+    run_chat(ckpt, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+             top_k=top_k, seed=seed, device=device)
+
+
 rlhf_app = typer.Typer(help="COOL RLHF: conditional reward model (runs/<run>/rlhf-reward/) and online PPO "
                        "(runs/<run>/rlhf-ppo/).", no_args_is_help=True)
 app.add_typer(rlhf_app, name="rlhf")

@@ -176,3 +176,193 @@ def score_logprobs(
         tgt = targets[:, s:s + chunk]
         out.append(logits.gather(-1, tgt[..., None])[..., 0] - logits.logsumexp(-1))
     return torch.cat(out, dim=1) if out else hidden.new_zeros((input_ids.shape[0], 0), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `lm2 generate` and `lm2 chat`: the engine behind a JSONL file and a terminal.
+
+
+def resolve_checkpoint(ws, run: str, checkpoint=None):
+    """The given model folder, else the run's latest finished stage's `final/`; refuse others by name."""
+    from pathlib import Path
+
+    from .layout import MANIFEST, MODEL_KINDS, read_manifest
+
+    if checkpoint is None:
+        found = ws.latest_model(run)
+        if found is None:
+            raise InputError(f"no CHECKPOINT given and {ws.run_dir(run)} has no finished stage; "
+                             "train one (lm2 pretrain, lm2 sft) or pass a checkpoint folder")
+        return found
+    path = Path(checkpoint).expanduser().resolve()
+    if (path / MANIFEST).exists():
+        kind = read_manifest(path, what="checkpoint").get("kind")
+        if kind not in MODEL_KINDS:
+            hint = f"; did you mean {path / 'final'}?" if (path / "final" / MANIFEST).exists() else ""
+            raise InputError(f"{path} is a {kind!r} artefact, not a model checkpoint{hint}")
+    elif not path.exists():
+        raise InputError(f"checkpoint {path} does not exist")
+    elif not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a model checkpoint (no config.json)")
+    return path
+
+
+def load_for_inference(checkpoint, device: Optional[str] = None):
+    """(model, tokenizer) from a checkpoint folder; bf16 on a GPU, fp32 otherwise."""
+    from .model import load_model
+    from .tokenizer import Tokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = Tokenizer.load(checkpoint)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    model = load_model(checkpoint, dtype=dtype, device=device)
+    if tok.vocab_size > model.config.vocab_size:
+        raise InputError(f"{checkpoint}: the tokenizer has {tok.vocab_size} ids, the model {model.config.vocab_size}")
+    return model, tok
+
+
+def prompt_ids(tok, record) -> list[int]:
+    """A prompts.jsonl record → ids. `messages`: the chat template plus the generation prompt (contents
+    stay text); `prompt`: raw text after BOS, written by the user as a whole, so special-token strings
+    in it (a hand-written template) are parsed."""
+    from .chat import Rejected, encode_prompt
+
+    if not isinstance(record, dict):
+        raise Rejected("bad-record", "a line must be a JSON object")
+    if "messages" in record:
+        if not isinstance(record["messages"], list) or not record["messages"]:
+            raise Rejected("no-messages", "`messages` must be a non-empty list")
+        return encode_prompt(tok, record["messages"])
+    if isinstance(record.get("prompt"), str):
+        return tok.encode(record["prompt"], bos=True, allow_special=True)
+    raise Rejected("no-prompt", "a line needs `messages` (a conversation) or `prompt` (text)")
+
+
+def run_generate(checkpoint, input_path, output_path, *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = 0, batch_size: int = 16,
+                 device: Optional[str] = None) -> dict:
+    """Each input line gets `completion` and `finish_reason` ("stop" | "length"); a line that cannot be
+    prompted keeps its place with `error` instead, so the output aligns with the input line by line."""
+    import json
+    from pathlib import Path
+
+    from .chat import Rejected
+    from .console import progress
+    from .layout import atomic_write_text
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise InputError(f"input {input_path} does not exist (expected a prompts .jsonl file)")
+    model, tok = load_for_inference(checkpoint, device)
+    records, todo = [], []  # todo: (record index, prompt ids)
+    for n, line in enumerate(input_path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            todo.append((len(records), prompt_ids(tok, rec)))
+        except json.JSONDecodeError as e:
+            rec = {"line": n, "error": f"invalid-json: {e}", "text": line}
+        except Rejected as e:
+            rec = {**rec, "error": f"{e.code}: {e.detail}"} if isinstance(rec, dict) else {"line": n, "error": e.code}
+        records.append(rec)
+    stops = tuple(tok.stop_ids)
+    chunk = batch_size * 4
+    new_tokens = 0
+    with progress("generate", total=len(todo)) as task:
+        for c in range(0, len(todo), chunk):
+            part = todo[c:c + chunk]
+            outs = generate(model, [ids for _, ids in part], max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, stop_ids=stops, seed=None if seed is None else seed + c,
+                            batch_size=batch_size, pad_id=tok.pad_id, include_stop=True)
+            for (i, _), out in zip(part, outs):
+                stopped = bool(out) and out[-1] in stops
+                records[i]["completion"] = tok.decode(out[:-1] if stopped else out)
+                records[i]["finish_reason"] = "stop" if stopped else "length"
+                new_tokens += len(out)
+            task.advance(len(part))
+    atomic_write_text(output_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return {"output": str(output_path), "checkpoint": str(checkpoint), "prompts": len(todo),
+            "errors": len(records) - len(todo), "new_tokens": new_tokens}
+
+
+CHAT_HELP = "/reset clears the conversation, /system <text> sets the system prompt (empty: none), /exit quits"
+
+
+def run_chat(checkpoint, *, system: str = "", max_new_tokens: int = 1024, temperature: float = 0.8,
+             top_p: float = 0.8, top_k: int = 0, seed: Optional[int] = None, device: Optional[str] = None,
+             stdin=None, stdout=None) -> int:
+    """An interactive chat; returns the number of replies. On a terminal it is a Rich prompt; from a pipe
+    it reads one user message per line and writes each reply (then a newline) to stdout, with notes
+    on stderr, so a script can drive it.
+
+    The conversation is kept as token ids: the model's replies go back into the context exactly as it
+    wrote them (never re-tokenized from their decoded text), each closed by `<|im_end|>\\n`.
+    """
+    import sys
+
+    from .chat import encode_message, generation_prompt
+    from .console import log
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    tty = stdin.isatty() and stdout.isatty()
+    model, tok = load_for_inference(checkpoint, device)
+    log(f"chatting with {checkpoint} ({CHAT_HELP})")
+    closing = [tok.im_end_id] + tok.encode("\n")
+    history: list[int] = []  # ids of the turns so far, after BOS and the system turn
+    replies = 0
+    while True:
+        line = _read_line(stdin, tty)
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                history = []
+                log("(conversation cleared)")
+            elif cmd == "/system":
+                system = arg.strip()
+                log(f"(system prompt {'set' if system else 'cleared'})")
+            else:
+                log(f"unknown command {cmd}; {CHAT_HELP}")
+            continue
+        head = [tok.bos_id] + (encode_message(tok, {"role": "system", "content": system})[0] if system else [])
+        turn = encode_message(tok, {"role": "user", "content": text})[0] + generation_prompt(tok)
+        out = generate(model, [head + history + turn], max_new_tokens, temperature=temperature, top_p=top_p,
+                       top_k=top_k, stop_ids=tok.stop_ids, seed=None if seed is None else seed + replies,
+                       pad_id=tok.pad_id)[0]
+        history += turn + out + closing
+        replies += 1
+        reply = tok.decode(out)
+        if tty:
+            from rich.console import Console
+
+            Console(file=stdout, highlight=False).print(f"[bold cyan]assistant>[/bold cyan] {_escape(reply)}")
+        else:
+            stdout.write(reply + "\n")
+            stdout.flush()
+    return replies
+
+
+def _read_line(stdin, tty: bool):
+    if tty:
+        from rich.prompt import Prompt
+
+        try:
+            return Prompt.ask("[bold green]you[/bold green]")
+        except EOFError:
+            return None
+    line = stdin.readline()
+    return None if line == "" else line
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
