@@ -309,13 +309,53 @@ def eval_(
     _not_landed("eval", "issue 9")
 
 
-def _needle(**kw) -> None:
-    _not_landed("eval needle", "issue 6")
+def _int_list(value: Optional[str], what: str) -> Optional[list]:
+    """"128,256,512" -> [128, 256, 512]; numbers may be floats for depths."""
+    if value is None:
+        return None
+    from .errors import InputError
+
+    try:
+        nums = [float(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated numbers, got {value!r}") from None
+    return [int(x) if x.is_integer() else x for x in nums]
+
+
+def _needle(checkpoint, workdir, run, recipe, set_, json_out, mode, lengths, depths, repeats, rope_scaling, factor,
+            haystack, name) -> None:
+    from .evaluate.needle import run_needle
+    from .layout import Workspace
+
+    run_needle(Workspace.at(workdir), _recipe(recipe, set_), run, checkpoint, mode=mode,
+               lengths=_int_list(lengths, "--lengths"), depths=_int_list(depths, "--depths"), repeats=repeats,
+               rope_scaling=rope_scaling, factor=factor, haystack=haystack, name=name, json_out=json_out)
+
+
+NeedleCheckpointArg = typer.Argument(None, help="Checkpoint folder or HF export (default: the run's latest final/).")
+NeedleModeOpt = typer.Option(None, "--mode", help="passkey (random digits), en (San Francisco needle) or zh "
+                             "(InternLM2's 小明 needle); default: the recipe's eval.needle.mode.")
+NeedleLengthsOpt = typer.Option(None, "--lengths", help="Context lengths in tokens, e.g. 128,256,512,1024.")
+NeedleDepthsOpt = typer.Option(None, "--depths", help="Needle depths in percent, e.g. 0,25,50,75,100.")
+NeedleRepeatsOpt = typer.Option(None, "--repeats", min=1, help="Samples per cell (different keys and haystacks).")
+NeedleRopeOpt = typer.Option(None, "--rope-scaling", help="Inference-time RoPE scaling: dynamic (NTK), linear, "
+                             "yarn, or none to switch off the checkpoint's own.")
+NeedleFactorOpt = typer.Option(None, "--factor", min=1.0, help="Factor for --rope-scaling (default 2.0).")
+NeedleHaystackOpt = typer.Option(None, "--haystack", help="auto, filler, or a JSONL/text file or folder.")
+NeedleNameOpt = typer.Option(None, "--name", help="Output folder under eval/<run>/ (default: needle-<mode>[-<scaling>]).")
 
 
 @eval_app.command("needle")
 def eval_needle(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the run's latest final/)."),
+    checkpoint: Optional[Path] = NeedleCheckpointArg,
+    mode: Optional[str] = NeedleModeOpt,
+    lengths: Optional[str] = NeedleLengthsOpt,
+    depths: Optional[str] = NeedleDepthsOpt,
+    repeats: Optional[int] = NeedleRepeatsOpt,
+    rope_scaling: Optional[str] = NeedleRopeOpt,
+    factor: Optional[float] = NeedleFactorOpt,
+    haystack: Optional[str] = NeedleHaystackOpt,
+    name: Optional[str] = NeedleNameOpt,
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
@@ -323,12 +363,21 @@ def eval_needle(
     json_out: bool = JsonOpt,
 ) -> None:
     """Needle-in-a-haystack grid; writes eval/<run>/needle-<mode>/ (results.jsonl, summary.json, heatmap.png)."""
-    _needle(checkpoint=checkpoint, workdir=workdir, run=run, recipe=recipe, set_=set_, json_out=json_out)
+    _needle(checkpoint, workdir, run, recipe, set_, json_out, mode, lengths, depths, repeats, rope_scaling, factor,
+            haystack, name)
 
 
 @app.command("needle")
 def needle(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the run's latest final/)."),
+    checkpoint: Optional[Path] = NeedleCheckpointArg,
+    mode: Optional[str] = NeedleModeOpt,
+    lengths: Optional[str] = NeedleLengthsOpt,
+    depths: Optional[str] = NeedleDepthsOpt,
+    repeats: Optional[int] = NeedleRepeatsOpt,
+    rope_scaling: Optional[str] = NeedleRopeOpt,
+    factor: Optional[float] = NeedleFactorOpt,
+    haystack: Optional[str] = NeedleHaystackOpt,
+    name: Optional[str] = NeedleNameOpt,
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
@@ -336,7 +385,8 @@ def needle(
     json_out: bool = JsonOpt,
 ) -> None:
     """Same as `lm2 eval needle`."""
-    _needle(checkpoint=checkpoint, workdir=workdir, run=run, recipe=recipe, set_=set_, json_out=json_out)
+    _needle(checkpoint, workdir, run, recipe, set_, json_out, mode, lengths, depths, repeats, rope_scaling, factor,
+            haystack, name)
 
 
 # ---------------------------------------------------------------------------------------------------

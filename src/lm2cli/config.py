@@ -376,11 +376,30 @@ class PretrainConfig:
 
 @dataclass
 class ExtendContextConfig:
+    """`lm2 extend-context` (SPEC §2.4, §5.3): a new context length, a RoPE method, then training at it.
+
+    `seq_len` is the new context: it becomes `max_position_embeddings` and the training sequence
+    length (it overrides `train.seq_len`). `base` raises `rope_theta` (InternLM2: 5e4 -> 1e6) and
+    exports `inference_rope_scaling` (dynamic NTK 2.0) for use beyond `seq_len`; `linear` divides
+    positions by `factor`; `dynamic` scales the base per call past the old length; `yarn` blends
+    interpolated and original frequencies. `factor` None = new length / old length.
+    """
+
     method: Literal["base", "linear", "dynamic", "yarn"] = "base"
     seq_len: int = 1024
     rope_theta: float = 1_000_000.0  # for method=base
-    factor: float = 4.0  # for linear / dynamic / yarn
+    factor: Optional[float] = None  # for linear / dynamic / yarn; None = seq_len / the input's length
+    inference_rope_scaling: Optional[dict] = field(default_factory=lambda: {"type": "dynamic", "factor": 2.0})
     train: TrainConfig = _stage(seq_len=1024, micro_batch_size=2, max_steps=40, lr=3e-4, long_fraction=0.5)
+
+    def __post_init__(self):
+        _check(self.seq_len >= 8, "extend_context.seq_len must be >= 8")
+        _check(self.rope_theta > 0, "extend_context.rope_theta must be positive")
+        _check(self.factor is None or self.factor >= 1.0, "extend_context.factor must be >= 1")
+        rs = self.inference_rope_scaling
+        if rs is not None:
+            _check(rs.get("type") in ("dynamic", "linear", "yarn") and float(rs.get("factor", 1.0)) >= 1.0,
+                   "extend_context.inference_rope_scaling must be {type: dynamic|linear|yarn, factor: >= 1} or null")
 
 
 @dataclass
@@ -500,12 +519,36 @@ class RLHFConfig:
 
 @dataclass
 class NeedleConfig:
+    """`lm2 eval needle` (SPEC §9.2): the grid, the needle and how it is scored (see evaluate/needle.py)."""
+
     mode: Literal["passkey", "en", "zh"] = "passkey"
-    lengths: list = field(default_factory=lambda: [64, 128, 256, 512, 1024])
+    lengths: list = field(default_factory=lambda: [128, 256, 512, 1024])  # passkey's prompt alone is ~70 tokens
     depths: list = field(default_factory=lambda: [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
     repeats: int = 5
     max_new_tokens: int = 16
     seed: int = 0
+    length_buffer: int = 8  # prompt = length - buffer tokens, leaving room for the answer (CDME: 200 at 1k-200k)
+    token_counter: Literal["model", "cl100k"] = "model"  # cl100k = CDME's counting, for parity
+    choices: int = 4  # forced-choice distractors; chance = 1/(choices+1)
+    trim: bool = True  # NeedleBench's trim of the prediction before the edit score
+    haystack: str = "auto"  # auto | filler | a JSONL/text file or folder
+    rope_scaling: Optional[str] = None  # inference-time dynamic|linear|yarn, or none; None keeps the checkpoint's
+    factor: float = 2.0  # for rope_scaling
+
+    def __post_init__(self):
+        _check(self.mode in ("passkey", "en", "zh"), f"eval.needle.mode must be passkey, en or zh, got {self.mode!r}")
+        _check(self.token_counter in ("model", "cl100k"), "eval.needle.token_counter must be model or cl100k")
+        _check(bool(self.lengths) and all(isinstance(n, int) and n > 0 for n in self.lengths),
+               "eval.needle.lengths must be positive integers")
+        _check(bool(self.depths) and all(isinstance(d, (int, float)) and 0 <= d <= 100 for d in self.depths),
+               "eval.needle.depths must be percentages in [0, 100]")
+        _check(self.repeats >= 1, "eval.needle.repeats must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.needle.max_new_tokens must be >= 1")
+        _check(self.length_buffer >= 0, "eval.needle.length_buffer must be >= 0")
+        _check(1 <= self.choices <= 8, "eval.needle.choices must be in 1..8")
+        _check(self.rope_scaling in (None, "none", "dynamic", "linear", "yarn"),
+               f"eval.needle.rope_scaling must be dynamic, linear, yarn or none, got {self.rope_scaling!r}")
+        _check(self.factor >= 1.0, "eval.needle.factor must be >= 1")
 
 
 @dataclass
