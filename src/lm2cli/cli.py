@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import Lm2Error, NotLanded
@@ -59,11 +60,30 @@ def _main(
 # prepare
 
 
+class _PrepareGroup(TyperGroup):
+    """`lm2 prepare FILES...` and `lm2 prepare train-classifier ...` share one group: a subcommand name in
+    first position must not be swallowed by the group's FILES argument."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] in self.commands:
+            super().parse_args(ctx, [])
+            if hasattr(ctx, "_protected_args"):
+                ctx._protected_args = args[:1]
+            else:  # click < 8.2
+                ctx.protected_args = args[:1]
+            ctx.args = args[1:]
+            return ctx.args
+        return super().parse_args(ctx, args)
+
+
 prepare_app = typer.Typer(
+    cls=_PrepareGroup,
     help="Data pipeline (InternLM2 §3.1): standardize → classify → rule filters → MinHash-LSH dedup → safety → "
     "quality. Reads files/folders of .jsonl/.json/.txt/.md/.html/code (also .gz/.zst); writes "
-    "<workdir>/data/prepared/ (kept/ and rejected/ shards, manifest.json with per-stage stats).",
+    "<workdir>/data/prepared/: kept/part-XXXXX.jsonl, rejected/<stage>/part-XXXXX.jsonl (with stage and reason) "
+    "and manifest.json (per-stage in/kept/rejected, reason histograms, per-language/type counts and bytes).",
     no_args_is_help=False,
+    context_settings={"allow_interspersed_args": True},
 )
 app.add_typer(prepare_app, name="prepare")
 
@@ -75,12 +95,37 @@ def prepare(
     workdir: Optional[Path] = WorkdirOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
+    type_: Optional[List[str]] = typer.Option(
+        None, "--type", help="PATH_GLOB=web|book|paper|patent|code|other: content type for matching sources whose "
+        "metadata does not say (repeatable), e.g. --type '*/papers/*=paper'."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Worker processes (default: recipe)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: run only tasks t with t % N == i of the "
+                                        "per-document stages; a run without --shard then dedups and finishes."),
+    force: bool = typer.Option(False, "--force", help="Redo everything instead of resuming finished work."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Run the data pipeline into <workdir>/data/prepared/."""
+    """Run the data pipeline into <workdir>/data/prepared/ (resumes unfinished work)."""
     if ctx.invoked_subcommand:
         return
-    _not_landed("prepare", "issue 3")
+    from .data.pipeline import prepare_main
+
+    prepare_main(inputs, workdir, _recipe(recipe, set_), type_ or [], workers=workers, shard=shard, force=force,
+                 json_out=json_out)
+
+
+@prepare_app.command("train-classifier")
+def prepare_train_classifier(
+    labels: Path = typer.Option(..., "--labels", help="Labelled JSONL: {\"text\": ..., \"label\": 0|1} per line."),
+    name: str = typer.Option(..., "--name", help="ad (1 = ad), fluency (1 = fluent) or toxic (1 = toxic)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Model file (default: <workdir>/data/classifiers/<name>.npz, "
+                                       "which lm2 prepare picks up by itself)."),
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Train a hashed n-gram logistic-regression classifier for the safety/quality stages."""
+    from .data.pipeline import train_classifier_main
+
+    train_classifier_main(labels, name, out, workdir, json_out=json_out)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -289,9 +289,9 @@ def _zh_templates(topic: str) -> list[str]:
 
 
 def zh_paragraph(rng: random.Random, topic: Optional[str] = None, sentences=(3, 5),
-                 _pool: Optional[list] = None) -> str:
+                 _pool: Optional[list] = None, _vocab: Optional[dict] = None) -> str:
     topic = topic or rng.choice(TOPICS)
-    vocab = _ZH_TOPICS[topic]
+    vocab = _vocab or _ZH_TOPICS[topic]
     pool = _pool if _pool is not None else rng.sample(_zh_templates(topic), len(_zh_templates(topic)))
     n = rng.randint(*sentences)
     out = []
@@ -305,11 +305,18 @@ def zh_paragraph(rng: random.Random, topic: Optional[str] = None, sentences=(3, 
 def zh_document(rng: random.Random, topic: Optional[str] = None, paragraphs=(3, 6), title: bool = True) -> str:
     """A Chinese article: optional title line, then paragraphs; no template repeats inside a document."""
     topic = topic or rng.choice(TOPICS)
+    vocab = _focused(rng, _ZH_TOPICS[topic])
     pool = rng.sample(_zh_templates(topic), len(_zh_templates(topic)))
-    paras = [zh_paragraph(rng, topic, _pool=pool) for _ in range(rng.randint(*paragraphs))]
+    paras = [zh_paragraph(rng, topic, _pool=pool, _vocab=vocab) for _ in range(rng.randint(*paragraphs))]
     if title:
-        paras.insert(0, _fill(rng, rng.choice(_ZH_TITLES), _ZH_TOPICS[topic]))
+        paras.insert(0, _fill(rng, rng.choice(_ZH_TITLES), dict(vocab, S=vocab["S"][:1])))
     return "\n".join(paras)
+
+
+def _focused(rng: random.Random, vocab: dict) -> dict:
+    # A document keeps coming back to one or two subjects, as real articles do.
+    focus = rng.sample(vocab["S"], 2)
+    return dict(vocab, S=[focus[0]] * 4 + [focus[1]] * 2 + vocab["S"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,23 +408,26 @@ def _en_fill(rng: random.Random, template: str, vocab: dict) -> str:
     return out[0].upper() + out[1:]
 
 
-def en_paragraph(rng: random.Random, topic: Optional[str] = None, sentences=(3, 6), _pool=None) -> str:
+def en_paragraph(rng: random.Random, topic: Optional[str] = None, sentences=(3, 6), _pool=None,
+                 _vocab: Optional[dict] = None) -> str:
     topic = topic or rng.choice(TOPICS)
+    vocab = _vocab or _EN_TOPICS[topic]
     pool = _pool if _pool is not None else rng.sample(_EN_GENERAL, len(_EN_GENERAL))
     out = []
     for _ in range(rng.randint(*sentences)):
         if not pool:
             pool.extend(rng.sample(_EN_GENERAL, len(_EN_GENERAL)))
-        out.append(_en_fill(rng, pool.pop(), _EN_TOPICS[topic]))
+        out.append(_en_fill(rng, pool.pop(), vocab))
     return " ".join(out)
 
 
 def en_document(rng: random.Random, topic: Optional[str] = None, paragraphs=(3, 6), title: bool = True) -> str:
     topic = topic or rng.choice(TOPICS)
+    vocab = _focused(rng, _EN_TOPICS[topic])
     pool = rng.sample(_EN_GENERAL, len(_EN_GENERAL))
-    paras = [en_paragraph(rng, topic, _pool=pool) for _ in range(rng.randint(*paragraphs))]
+    paras = [en_paragraph(rng, topic, _pool=pool, _vocab=vocab) for _ in range(rng.randint(*paragraphs))]
     if title:
-        paras.insert(0, _en_fill(rng, rng.choice(_EN_TITLES), _EN_TOPICS[topic]))
+        paras.insert(0, _en_fill(rng, rng.choice(_EN_TITLES), dict(vocab, S=vocab["S"][:1])))
     return "\n\n".join(paras)
 
 

@@ -1,0 +1,330 @@
+"""Heuristic rule filters, CJK-aware (SPEC §4.4, P4): Gopher quality and repetition, C4 lines, FineWeb,
+FineWeb-2/ChineseWebText/YuLan for Chinese, and lm2's own character-class rules.
+
+Every count is on mixed tokens (one CJK ideograph = one token, one Latin/digit run = one word), so
+English-centred rules neither reject all Chinese nor wave through Chinese spam. `check(record, cfg)`
+returns None to keep, or a named reason `family.rule` (e.g. `gopher_rep.dup_5gram`, `c4.lorem_ipsum`,
+`cwt.too_short`). C4's line rules rewrite English web text in place, as C4 does; the count of removed
+lines goes to `meta.lm2.c4_lines_removed`. Checks run cheapest first and stop at the first reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from typing import Optional
+
+from ..config import CodeRules, CommonRules, EnRules, RulesConfig, ZhRules
+from . import mixed
+
+BULLETS = ("•", "-", "*", "·", "●", "▪", "‣", "⁃", "◦", "►", "■", "□", "○", "◆")
+ELLIPSIS = ("...", "…")
+C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_SENTENCE = re.compile(r"[.!?。！？]+(?:\s|$)")
+_WS = re.compile(r"\s+")
+_CJK_BASIC = re.compile(r"[\u4e00-\u9fa5]")
+
+
+class Doc:
+    """The measures several rules share, computed once per document."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.lines = [ln.strip() for ln in text.split("\n")]
+        self.lines = [ln for ln in self.lines if ln]
+        self.paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        self.tokens = mixed.tokens(text)
+        self.n_tokens = len(self.tokens)
+        self.nonspace = sum(1 for ch in text if not ch.isspace())
+        self.token_chars = sum(len(t) for t in self.tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared measures
+
+
+def _dup_fraction(items: list[str]) -> tuple[float, float]:
+    """(share of items that repeat an earlier one, share of chars in them) — Gopher's definition."""
+    if not items:
+        return 0.0, 0.0
+    seen: set[str] = set()
+    dup, dup_chars, total_chars = 0, 0, 0
+    for it in items:
+        total_chars += len(it)
+        if it in seen:
+            dup += 1
+            dup_chars += len(it)
+        else:
+            seen.add(it)
+    return dup / len(items), dup_chars / max(1, total_chars)
+
+
+def _top_ngram_frac(ids: list[int], lens: list[int], n: int, total: int) -> float:
+    if len(ids) < n or not total:
+        return 0.0
+    grams = Counter(zip(*(ids[i:] for i in range(n))))
+    gram, count = grams.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    start = next(i for i in range(len(ids) - n + 1) if tuple(ids[i:i + n]) == gram)
+    return sum(lens[start:start + n]) * count / total
+
+
+def _dup_ngram_frac(ids: list[int], lens: list[int], n: int, total: int) -> float:
+    """Share of token chars covered by n-grams that occur more than once (overlaps counted once)."""
+    if len(ids) < n or not total:
+        return 0.0
+    grams = list(zip(*(ids[i:] for i in range(n))))
+    counts = Counter(grams)
+    if len(counts) == len(grams):
+        return 0.0
+    covered = bytearray(len(ids))
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i:i + n] = b"\x01" * n
+    return sum(l for l, c in zip(lens, covered) if c) / total
+
+
+def _repetition(doc: Doc, cfg, lowercase: bool) -> Optional[str]:
+    for name, limit, (frac, char_frac) in (
+        ("lines", (cfg.max_dup_line_frac, cfg.max_dup_line_char_frac), _dup_fraction(doc.lines)),
+        ("paragraphs", (cfg.max_dup_para_frac, cfg.max_dup_para_char_frac), _dup_fraction(doc.paragraphs)),
+    ):
+        if limit[0] is not None and frac > limit[0]:
+            return f"gopher_rep.dup_{name}"
+        if limit[1] is not None and char_frac > limit[1]:
+            return f"gopher_rep.dup_{name}_chars"
+    toks = [t.lower() for t in doc.tokens] if lowercase else doc.tokens
+    vocab: dict[str, int] = {}
+    ids = [vocab.setdefault(t, len(vocab)) for t in toks]
+    lens = [len(t) for t in toks]
+    total = doc.token_chars
+    for n, limit in zip((2, 3, 4), cfg.max_top_ngram_char_frac):
+        if limit is not None and _top_ngram_frac(ids, lens, n, total) > limit:
+            return f"gopher_rep.top_{n}gram"
+    for n, limit in zip(range(5, 11), cfg.max_dup_ngram_char_frac):
+        if limit is None:
+            continue
+        frac = _dup_ngram_frac(ids, lens, n, total)
+        if frac > limit:
+            return f"gopher_rep.dup_{n}gram"
+        if frac == 0.0:  # no repeated n-gram means no repeated longer one either
+            break
+    return None
+
+
+def _fineweb(doc: Doc, cfg, n_words: int) -> Optional[str]:
+    lines = doc.lines
+    if not lines:
+        return "fineweb.empty"
+    if cfg.fw_min_line_punct_ratio is not None:
+        ratio = sum(1 for ln in lines if ln.endswith(mixed.TERMINAL)) / len(lines)
+        if ratio < cfg.fw_min_line_punct_ratio:
+            return "fineweb.line_punct"
+    if cfg.fw_max_short_lines_ratio is not None:
+        ratio = sum(1 for ln in lines if len(ln) <= cfg.fw_short_line_chars) / len(lines)
+        if ratio > cfg.fw_max_short_lines_ratio:
+            return "fineweb.short_lines"
+    if cfg.fw_max_dup_line_char_ratio is not None:
+        counts = Counter(lines)
+        dup_chars = sum(len(ln) * (c - 1) for ln, c in counts.items() if c > 1)
+        if dup_chars / max(1, doc.nonspace) > cfg.fw_max_dup_line_char_ratio:
+            return "fineweb.dup_line_chars"
+    if cfg.fw_max_newlines_per_word is not None:
+        if doc.text.count("\n") / max(1, n_words) > cfg.fw_max_newlines_per_word:
+            return "fineweb.newlines_per_word"
+    return None
+
+
+def _common(doc: Doc, cfg: CommonRules, control_removed: int) -> Optional[str]:
+    n = max(1, doc.nonspace)
+    sym = punct = 0
+    for ch in doc.text:
+        if ch.isalnum() or ch.isspace():
+            continue
+        if mixed.is_punct(ch):
+            punct += 1
+        elif mixed.is_symbol(ch):
+            sym += 1
+    bad = doc.text.count("\ufffd") + control_removed
+    if cfg.max_control_ratio is not None and bad / n > cfg.max_control_ratio:
+        return "lm2.control_chars"
+    if cfg.max_symbol_ratio is not None and sym / n > cfg.max_symbol_ratio:
+        return "lm2.symbols"
+    if cfg.max_punct_ratio is not None and punct / n > cfg.max_punct_ratio:
+        return "lm2.punct_high"
+    if cfg.min_punct_ratio is not None and punct / n < cfg.min_punct_ratio:
+        return "lm2.punct_low"
+    if cfg.max_single_token_lines_ratio is not None and doc.lines:
+        single = sum(1 for ln in doc.lines if len(mixed.tokens(ln)) <= 1)
+        if single / len(doc.lines) > cfg.max_single_token_lines_ratio:
+            return "lm2.single_token_lines"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# English
+
+
+def c4_lines(text: str, cfg: EnRules) -> tuple[str, int]:
+    """C4's line rules: drop javascript/policy lines, lines with a giant word, lines under N words."""
+    kept, removed = [], 0
+    for line in text.split("\n"):
+        low = line.lower()
+        words = line.split()
+        if not line.strip():
+            kept.append(line)
+            continue
+        if ("javascript" in low or any(p in low for p in C4_POLICY)
+                or (cfg.c4_max_word_length is not None and any(len(w) > cfg.c4_max_word_length for w in words))
+                or (cfg.c4_min_words_per_line is not None and len(words) < cfg.c4_min_words_per_line)):
+            removed += 1
+            continue
+        kept.append(line)
+    return "\n".join(kept).strip(), removed
+
+
+def check_en(record: dict, cfg: EnRules, common: CommonRules) -> Optional[str]:
+    text = record["text"]
+    if cfg.c4 and record["content_type"] in cfg.c4_content_types:
+        low = text.lower()
+        if "lorem ipsum" in low:
+            return "c4.lorem_ipsum"
+        if cfg.c4_curly_bracket and "{" in text:
+            return "c4.curly_bracket"
+        text, removed = c4_lines(text, cfg)
+        if removed:
+            record["text"] = text
+            record["meta"]["lm2"]["c4_lines_removed"] = removed
+        if not text:
+            return "c4.no_lines_left"
+        if cfg.c4_min_sentences is not None and len(_SENTENCE.findall(text)) < cfg.c4_min_sentences:
+            return "c4.too_few_sentences"
+    doc = Doc(text)
+    words = [t for t in doc.tokens]
+    n = len(words)
+    if cfg.min_words is not None and n < cfg.min_words:
+        return "gopher.too_few_words"
+    if cfg.max_words is not None and n > cfg.max_words:
+        return "gopher.too_many_words"
+    mean = doc.token_chars / max(1, n)
+    if cfg.min_avg_word_length is not None and mean < cfg.min_avg_word_length:
+        return "gopher.avg_word_length"
+    if cfg.max_avg_word_length is not None and mean > cfg.max_avg_word_length:
+        return "gopher.avg_word_length"
+    if cfg.max_symbol_word_ratio is not None:
+        if text.count("#") / n > cfg.max_symbol_word_ratio:
+            return "gopher.hash_ratio"
+        if (text.count("...") + text.count("…")) / n > cfg.max_symbol_word_ratio:
+            return "gopher.ellipsis_ratio"
+    if doc.lines:
+        if (cfg.max_bullet_lines_ratio is not None
+                and sum(ln.startswith(BULLETS) for ln in doc.lines) / len(doc.lines) > cfg.max_bullet_lines_ratio):
+            return "gopher.bullet_lines"
+        if (cfg.max_ellipsis_lines_ratio is not None
+                and sum(ln.endswith(ELLIPSIS) for ln in doc.lines) / len(doc.lines) > cfg.max_ellipsis_lines_ratio):
+            return "gopher.ellipsis_lines"
+    if cfg.min_alpha_words_ratio is not None:
+        ws = text.split()
+        if sum(1 for w in ws if any(c.isalpha() for c in w)) / max(1, len(ws)) < cfg.min_alpha_words_ratio:
+            return "gopher.alpha_words"
+    if cfg.min_stop_words is not None:
+        stops = set(cfg.stop_words)
+        if len(stops.intersection(t.lower() for t in words)) < cfg.min_stop_words:
+            return "gopher.stop_words"
+    reason = _common(doc, common, record["meta"]["lm2"].get("control_removed", 0))
+    if reason:
+        return reason
+    reason = _fineweb(doc, cfg, n)
+    if reason:
+        return reason
+    if cfg.min_lid_score is not None and record["meta"]["lm2"].get("lang_score", 1.0) < cfg.min_lid_score:
+        return "lid.low_score"
+    return _repetition(doc, cfg, lowercase=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chinese (and mixed: CJK-aware table, minus the rules that assume a monolingual document)
+
+
+def check_zh(record: dict, cfg: ZhRules, common: CommonRules, monolingual: bool = True,
+             en_stop_words: tuple = ()) -> Optional[str]:
+    text = record["text"]
+    doc = Doc(text)
+    if cfg.max_short_chars is not None and doc.nonspace <= cfg.max_short_chars:
+        return "cwt.too_short"
+    n = max(1, doc.n_tokens)
+    mean = doc.token_chars / n
+    if cfg.min_avg_token_length is not None and mean < cfg.min_avg_token_length:
+        return "fw2.avg_token_length"
+    if cfg.max_avg_token_length is not None and mean > cfg.max_avg_token_length:
+        return "fw2.avg_token_length"
+    if cfg.max_non_alpha_tokens_ratio is not None:
+        if sum(1 for t in doc.tokens if not any(c.isalpha() for c in t)) / n > cfg.max_non_alpha_tokens_ratio:
+            return "fw2.non_alpha_tokens"
+    if cfg.min_stop_words is not None:
+        found = len(set(cfg.stop_words).intersection(text))
+        if not monolingual:
+            found += len(set(en_stop_words).intersection(t.lower() for t in doc.tokens))
+        if found < cfg.min_stop_words:
+            return "fw2.stop_words"
+    if doc.lines:
+        if cfg.cwt_min_avg_line_length is not None and doc.nonspace / len(doc.lines) < cfg.cwt_min_avg_line_length:
+            return "cwt.avg_line_length"
+        if (cfg.yl_max_tiny_lines_ratio is not None
+                and sum(1 for ln in doc.lines if len(ln) < 3) / len(doc.lines) > cfg.yl_max_tiny_lines_ratio):
+            return "yl.tiny_lines"
+    if monolingual:
+        if cfg.cwt_min_cjk_ratio is not None and len(_CJK_BASIC.findall(text)) / max(1, len(text)) < cfg.cwt_min_cjk_ratio:
+            return "cwt.cjk_ratio"
+        if cfg.yl_max_non_chinese_ratio is not None:
+            alnum = sum(1 for ch in text if ch.isalnum())
+            cjk = mixed.count_cjk(text)
+            if (alnum - cjk) / max(1, alnum) > cfg.yl_max_non_chinese_ratio:
+                return "yl.non_chinese"
+        if cfg.min_lid_score is not None and record["meta"]["lm2"].get("lang_score", 1.0) < cfg.min_lid_score:
+            return "lid.low_score"
+    reason = _common(doc, common, record["meta"]["lm2"].get("control_removed", 0))
+    if reason:
+        return reason
+    reason = _fineweb(doc, cfg, n)
+    if reason:
+        return reason
+    if cfg.cwt_max_13gram_rep is not None:
+        flat = _WS.sub("", text.lower())
+        grams = [flat[i:i + 13] for i in range(0, max(0, len(flat) - 12))]
+        if grams and (len(grams) - len(set(grams))) / len(grams) > cfg.cwt_max_13gram_rep:
+            return "cwt.13gram_rep"
+    return _repetition(doc, cfg, lowercase=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_code(record: dict, cfg: CodeRules) -> Optional[str]:
+    text = record["text"]
+    if cfg.min_chars is not None and len(text) < cfg.min_chars:
+        return "code.too_short"
+    if cfg.max_line_length is not None and max((len(ln) for ln in text.split("\n")), default=0) > cfg.max_line_length:
+        return "code.long_lines"
+    if cfg.min_alpha_ratio is not None and sum(ch.isalpha() for ch in text) / max(1, len(text)) < cfg.min_alpha_ratio:
+        return "code.low_alpha"
+    bad = text.count("\ufffd") + record["meta"]["lm2"].get("control_removed", 0)
+    if cfg.max_control_ratio is not None and bad / max(1, len(text)) > cfg.max_control_ratio:
+        return "code.control_chars"
+    return None
+
+
+def check(record: dict, cfg: RulesConfig) -> Optional[str]:
+    lang = record["lang"]
+    if lang == "code":
+        return check_code(record, cfg.code)
+    if lang == "zh":
+        return check_zh(record, cfg.zh, cfg.common)
+    if lang == "mixed":
+        return check_zh(record, cfg.zh, cfg.common, monolingual=False, en_stop_words=tuple(cfg.en.stop_words))
+    if lang == "en":
+        return check_en(record, cfg.en, cfg.common)
+    # Any other selected language: the English table without its English-only rules.
+    return check_en(record, dataclasses.replace(cfg.en, min_stop_words=None, min_lid_score=None), cfg.common)
