@@ -552,10 +552,37 @@ class NeedleConfig:
 
 
 @dataclass
+class OpenCompassConfig:
+    """`lm2 eval opencompass` (SPEC §9.1). Datasets never download: custom JSONL paths are made absolute,
+    named OpenCompass configs must find their files under `data_root`."""
+
+    datasets: list = field(default_factory=list)  # custom-format JSONL files; empty = examples/eval/*.jsonl
+    configs: list = field(default_factory=list)  # OpenCompass dataset config names or .py paths, e.g. gsm8k_gen
+    data_root: str = ""  # OpenCompass's data layout ($COMPASS_DATA_CACHE) for named configs; "" = that variable
+    template: Literal["auto", "chat", "base"] = "auto"  # auto: ChatML after sft/rlhf, plain text before
+    max_out_len: int = 32
+    launcher: Literal["inprocess", "cli"] = "inprocess"
+
+    def __post_init__(self):
+        _check(self.max_out_len >= 1, "eval.opencompass.max_out_len must be >= 1")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 8
-    max_len: int = 1024
+    max_len: int = 1024  # longest scored window / prompt, in tokens
+    rope_scaling: Optional[dict] = None  # inference-time override, e.g. {type: dynamic, factor: 2.0}
+    ppl_max_tokens: int = 50_000  # tokens scored per language/content-type split (0 = all)
+    suite: list = field(default_factory=lambda: ["ppl", "opencompass", "needle"])  # what plain `lm2 eval` runs
+    opencompass: OpenCompassConfig = field(default_factory=OpenCompassConfig)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
+        _check(self.max_len >= 2, "eval.max_len must be >= 2")
+        _check(self.ppl_max_tokens >= 0, "eval.ppl_max_tokens must be >= 0 (0: all)")
+        unknown = [s for s in self.suite if s not in ("ppl", "opencompass", "needle")]
+        _check(not unknown, f"eval.suite has unknown parts {unknown}; use ppl, opencompass, needle")
 
 
 # ---------------------------------------------------------------------------------------------------
