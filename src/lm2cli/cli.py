@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from typer.core import TyperGroup
@@ -342,16 +342,94 @@ app.add_typer(eval_app, name="eval")
 @eval_app.callback(invoke_without_command=True)
 def eval_(
     ctx: typer.Context,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint folder or HF export "
+                                              "(default: the run's latest final/)."),
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Run the recipe's default evaluation suite into eval/<run>/report/."""
+    """Run the recipe's default suite (ppl + OpenCompass example tasks + a small needle grid) on the run's
+    latest checkpoint (or --checkpoint); writes eval/<run>/report/ (report.md, report.json, plots)."""
     if ctx.invoked_subcommand:
         return
-    _not_landed("eval", "issue 9")
+    from .evaluate.suite import run_suite
+    from .layout import Workspace
+
+    out = run_suite(Workspace.at(workdir), _recipe(recipe, set_), checkpoint, run=run)
+    _eval_json(json_out, out / "report.json")
+
+
+def _eval_json(json_out: bool, path: Path) -> None:
+    if json_out:
+        import json
+
+        from .console import print_json
+
+        print_json({"out": str(path.parent), **json.loads(path.read_text())})
+
+
+EvalCheckpointArg = typer.Argument(None, help="Checkpoint folder or HF export (default: the run's latest final/).")
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    checkpoint: Optional[Path] = EvalCheckpointArg,
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="JSONL files or folders with a `text` field "
+                                              "(and `lang`, `content_type`) instead of the validation split "
+                                              "of data/tokens (repeatable)."),
+    contamination: Optional[Tuple[Path, Path, Path]] = typer.Option(
+        None, "--contamination", metavar="TRAIN TEST REF",
+        help="Contamination check (InternLM2 §5.4): mean loss on a benchmark's train split, test split and "
+             "look-alike reference text (JSONL with `text`, or `question` + `answer`); reports Δ1 = L_test − L_ref "
+             "and Δ2 = L_test − L_train."),
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Perplexity and bits per byte by language and content type; writes eval/<run>/ppl/ (results.json,
+    summary.md)."""
+    from .evaluate.ppl import run_ppl
+    from .layout import Workspace
+
+    out = run_ppl(Workspace.at(workdir), _recipe(recipe, set_), checkpoint, run=run, data=data,
+                  contamination_sets=contamination, show=not json_out)
+    _eval_json(json_out, out / "results.json")
+
+
+@eval_app.command("opencompass")
+def eval_opencompass(
+    checkpoint: Optional[Path] = EvalCheckpointArg,
+    dataset: Optional[List[Path]] = typer.Option(None, "--dataset", "-d", help="OpenCompass custom-format JSONL "
+                                                 "(mcq rows: question, A, B, ..., answer; qa rows: question, "
+                                                 "answer); repeatable. Default: examples/eval/*.jsonl."),
+    dataset_config: Optional[List[str]] = typer.Option(None, "--dataset-config", help="An OpenCompass dataset "
+                                                       "config name (e.g. gsm8k_gen) or .py path whose data is "
+                                                       "already under eval.opencompass.data_root; repeatable."),
+    template: Optional[str] = typer.Option(None, "--template", help="chat (ChatML), base (plain text) or auto "
+                                           "(chat after sft/rlhf); default: eval.opencompass.template."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="inprocess or cli (OpenCompass's own CLI on "
+                                           "the same config); default: eval.opencompass.launcher."),
+    workdir: Optional[Path] = WorkdirOpt,
+    run: str = RunOpt,
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Evaluate with OpenCompass, offline; writes eval/<run>/opencompass/ (summary.json, summary.md,
+    config.py, outputs/)."""
+    from .evaluate.opencompass_runner import run_opencompass
+    from .layout import Workspace
+
+    sets = list(set_ or [])
+    sets += [f"eval.opencompass.template={template}"] if template else []
+    sets += [f"eval.opencompass.launcher={launcher}"] if launcher else []
+    out = run_opencompass(Workspace.at(workdir), _recipe(recipe, sets), checkpoint, run=run, datasets=dataset,
+                          configs=dataset_config, show=not json_out)
+    _eval_json(json_out, out / "summary.json")
 
 
 def _int_list(value: Optional[str], what: str) -> Optional[list]:
