@@ -219,15 +219,31 @@ def extend_context(
 
 @app.command()
 def sft(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="JSONL, one {\"messages\": [...]} per line "
+                                        "(default: sft.data, else the bundled examples/sft/train.jsonl)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out JSONL for the eval loss, or "
+                                             "`none` (default: the bundled test set with the bundled data)."),
+    from_: Optional[Path] = typer.Option(None, "--from", help="Checkpoint or stage folder to fine-tune (default: "
+                                         "the run's latest pretrain final/, stage 3, else 2, else 1)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", min=8, help="Tokens per packed row and per "
+                                          "conversation; longer ones keep whole turns up to an assistant turn "
+                                          "that fits, else are rejected (default: sft.max_len)."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: "
+                               "start over; or a checkpoints/step-XXXXXXXX folder."),
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Supervised fine-tuning on ChatML conversations; writes runs/<run>/sft/."""
-    _recipe(recipe, set_)
-    _not_landed("sft", "issue 7")
+    """Supervised fine-tuning on ChatML conversations, loss on assistant turns only; writes runs/<run>/sft/
+    (rejected.jsonl, checkpoints/, metrics.jsonl, loss.png, final/, manifest.json)."""
+    from .layout import Workspace
+    from .sft import run_sft
+
+    overrides = list(set_ or []) + ([f"sft.max_len={max_len}"] if max_len else [])
+    run_sft(Workspace.at(workdir), _recipe(recipe, overrides), run=run, data=data, from_=from_, resume=resume,
+            eval_data=eval_data, json_out=json_out)
 
 
 CheckpointArg = typer.Argument(None, help="Model folder: a final/, checkpoints/step-*/ or HF export "

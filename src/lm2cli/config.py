@@ -404,9 +404,21 @@ class ExtendContextConfig:
 
 @dataclass
 class SFTConfig:
-    max_len: int = 1024
+    """SFT (SPEC §7), xtuner's InternLM2 recipe: AdamW (0.9, 0.95), wd 0.01, LR 4e-5, 2.5% warmup, cosine
+    to 0, 1 epoch over conversations packed into rows of `max_len`."""
+
+    max_len: int = 1024  # tokens per packed row and per conversation (truncation policy: lm2cli.chat)
+    data: str = ""  # JSONL conversations; "" = the bundled examples/sft/train.jsonl
+    eval_data: str = ""  # held-out JSONL for the eval loss; "" = examples/sft/test.jsonl with the bundled data
     train: TrainConfig = _stage(seq_len=1024, micro_batch_size=4, epochs=1.0, lr=4e-5, warmup_ratio=0.025,
-                                weight_decay=0.01)
+                                weight_decay=0.01, min_lr_ratio=0.0)
+
+    def __post_init__(self):
+        _check(self.max_len >= 8, "sft.max_len must be >= 8")
+        _check(bool(self.train.epochs) and self.train.epochs > 0, "sft.train.epochs must be > 0 (steps come from the data)")
+        # One length governs SFT: rows are max_len long, so the trainer's seq_len follows it.
+        if self.train.seq_len != self.max_len:
+            self.train = dataclasses.replace(self.train, seq_len=self.max_len)
 
 
 @dataclass
