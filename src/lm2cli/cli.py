@@ -197,11 +197,23 @@ def pretrain(
     run: str = RunOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: "
+                               "start over (removes old checkpoints); or a checkpoints/step-XXXXXXXX folder."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Local data-parallel ranks (re-executes under "
+                              "torch.distributed.run). Multi-node: start under DeepSpeed's launcher (README)."),
+    from_: Optional[Path] = typer.Option(None, "--from", help="Stages 2-3: the checkpoint (or stage folder) to "
+                                         "start from (default: the previous stage's final/ in this run)."),
+    plan: bool = typer.Option(False, "--plan", help="Take micro-batch, accumulation, ZeRO stage and activation "
+                              "checkpointing from `lm2 plan`'s fastest layout that fits."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Pretrain the InternLM2 architecture with DeepSpeed; writes runs/<run>/pretrain-stage<N>/."""
-    _recipe(recipe, set_)
-    _not_landed("pretrain", "issue 5")
+    """Pretrain the InternLM2 architecture with DeepSpeed; writes runs/<run>/pretrain-stage<N>/ (checkpoints/
+    step-XXXXXXXX/ with a DONE marker, metrics.jsonl, loss.png, final/ in HF format, manifest.json)."""
+    from .layout import Workspace
+    from .pretrain import run_pretrain
+
+    run_pretrain(Workspace.at(workdir), _recipe(recipe, set_), stage, run=run, resume=resume, nproc=nproc,
+                 from_=from_, plan=plan, json_out=json_out)
 
 
 @app.command("extend-context")
