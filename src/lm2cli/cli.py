@@ -218,15 +218,31 @@ def pretrain(
 
 @app.command("extend-context")
 def extend_context(
+    from_: Optional[Path] = typer.Option(None, "--from", help="Checkpoint or stage folder to extend (default: the "
+                                         "run's latest pretraining final/)."),
+    method: Optional[str] = typer.Option(None, "--method", help="base (raise rope_theta, InternLM2's), linear "
+                                         "(position interpolation), dynamic (NTK) or yarn; default: the recipe's."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="The new context length (trained at, and "
+                                          "written as max_position_embeddings)."),
+    factor: Optional[float] = typer.Option(None, "--factor", min=1.0, help="linear/dynamic/yarn factor (default: "
+                                           "new length / old length)."),
+    rope_theta: Optional[float] = typer.Option(None, "--rope-theta", help="--method base: the new RoPE base "
+                                               "(default 1,000,000)."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: "
+                               "start over; or a checkpoints/step-XXXXXXXX folder."),
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Extend a checkpoint's context (RoPE base / interpolation / NTK / YaRN); writes runs/<run>/extend-context/."""
-    _recipe(recipe, set_)
-    _not_landed("extend-context", "issue 6")
+    """Extend a checkpoint's context (RoPE base / interpolation / NTK / YaRN) and train at it; writes
+    runs/<run>/extend-context/ whose final/config.json carries max_position_embeddings, rope_theta, rope_scaling."""
+    from .extend_context import run_extend_context
+    from .layout import Workspace
+
+    run_extend_context(Workspace.at(workdir), _recipe(recipe, set_), run, from_=from_, method=method, seq_len=seq_len,
+                       factor=factor, rope_theta=rope_theta, resume=resume, json_out=json_out)
 
 
 @app.command()

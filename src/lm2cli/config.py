@@ -396,6 +396,7 @@ class ExtendContextConfig:
         _check(self.seq_len >= 8, "extend_context.seq_len must be >= 8")
         _check(self.rope_theta > 0, "extend_context.rope_theta must be positive")
         _check(self.factor is None or self.factor >= 1.0, "extend_context.factor must be >= 1")
+        self.train = dataclasses.replace(self.train, seq_len=self.seq_len)  # one length: set `seq_len`
         rs = self.inference_rope_scaling
         if rs is not None:
             _check(rs.get("type") in ("dynamic", "linear", "yarn") and float(rs.get("factor", 1.0)) >= 1.0,
