@@ -1,0 +1,756 @@
+"""Choosing a parallel layout before a run: `lm2 plan` and `lm2 pretrain --plan` (SPEC §6).
+
+InternEvo picks data/tensor/sequence/pipeline parallel sizes and how far to shard parameters,
+gradients and optimizer state with a simulator of memory and time. This module is that simulator
+for the layouts the DeepSpeed engine runs for lm2: data parallel × ZeRO stage 0/1/2/3, ZeRO++ hpZ
+(a secondary, in-node copy of the ZeRO-3 parameter shards), activation checkpointing on or off, and
+the micro-batch × gradient-accumulation split that reaches the global batch. lm2 keeps tp = pp = 1:
+its model has no Megatron tensor split, no pipeline stages and no Ulysses attention, and InternEvo
+itself uses tp = 1 below 20B (SPEC §6.2).
+
+Memory per GPU follows what deepspeed 0.19.8 allocates, not only the textbook 16Φ:
+- model states: parameters, gradients and optimizer state (fp32 master + Adam m, v: 12 bytes per
+  parameter under bf16, SPEC §6.3), sharded per stage; every ZeRO stage keeps a separate fp32 master
+  copy even in fp32 training, the optimizer step reads an fp32 copy of the gradient shard, and hpZ adds
+  its secondary parameter shard (bench/plan_memory.py measures these against DeepSpeed);
+- activations: SPEC §6.3's `s·b·H·L·(34 + 5·a·s/H)` (the attention-score term only without
+  FlashAttention), or, with checkpointing, the layer inputs plus one layer being recomputed;
+- buffers: the logits B×T×V (low precision, the fp32 upcast and its gradient), DeepSpeed's gradient
+  buckets and ZeRO-3's gathered-parameter working set (with the tensors under
+  `stage3_param_persistence_threshold`, which stay gathered through forward and backward), a runtime reserve (CUDA context, NCCL), and
+  a fragmentation headroom on everything allocated per step.
+
+Step time = compute (executed FLOPs at a stated MFU) + the communication that overlap does not hide,
+from a hierarchical ring model: a collective inside one node runs at NVLink bandwidth; across nodes it
+reduce-scatters in the node, crosses nodes on each GPU's own NIC with 1/G of the bytes, and gathers
+back in the node.
+
+Public API: `GPUS`, `Cluster`, `cluster`, `detect_cluster`, `ModelShape`, `Workload`, `workload_for`,
+`Layout`, `Memory`, `StepTime`, `Candidate`, `model_state_bytes`, `memory`, `step_time`, `enumerate_plan`,
+`plan_recipe`, `best_layout`, `deepspeed_config`, `write_deepspeed_config`, `print_plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .config import ModelConfig, Recipe, TrainConfig
+from .errors import InputError
+
+GiB = 2**30
+GB = 1e9
+
+# deepspeed 0.19.8 settings the planner writes into the config it emits, so the memory it counts is the
+# memory DeepSpeed allocates (elements, not bytes).
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size / allgather_bucket_size
+PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size default
+PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold default
+MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters default
+
+RUNTIME_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspace, NCCL communicators (GPU only)
+FRAGMENTATION = 0.10  # headroom on per-step allocations (activations, logits, buckets)
+OVERLAP_EFFICIENCY = 0.8  # share of the overlappable compute window that actually hides communication
+INTERFERENCE = 0.15  # hidden communication still slows compute by this share of its time (NCCL SMs, HBM)
+BATCH_TOLERANCE = 0.05  # reached global batch may differ from the target by this much
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+RECIPE_GPUS = 8  # the InternLM2 recipes size grad_accum for 8 GPUs (their header says so)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hardware
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float  # total device memory as nvidia-smi reports it
+    peak_tflops: float  # dense bf16 tensor-core peak
+    intra_bw: float  # GB/s per GPU per direction inside a node (NVLink)
+    inter_bw: float  # GB/s per GPU across nodes (one NIC per GPU, rail-optimised)
+
+
+GPUS = {
+    g.name: g
+    for g in (
+        GPU("A100-40", 40.0, 312.0, 300.0, 25.0),  # SXM4, NVLink3 600 GB/s bidirectional, HDR 200 Gb/s
+        GPU("A100-80", 80.0, 312.0, 300.0, 25.0),
+        GPU("H100-80", 79.6, 989.0, 450.0, 50.0),  # SXM5, NVLink4 900 GB/s bidirectional, NDR 400 Gb/s
+        GPU("H200-141", 140.4, 989.0, 450.0, 50.0),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpus: int
+    gpus_per_node: int
+    memory_gib: float
+    peak_tflops: float
+    intra_bw: float
+    inter_bw: float
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.gpus < 1:
+            raise InputError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.gpus_per_node < 1:
+            raise InputError(f"--gpus-per-node must be at least 1, got {self.gpus_per_node}")
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise InputError(f"--gpus {self.gpus} is not a whole number of nodes of {self.gpus_per_node} GPUs")
+        for flag, v in (("--gpu-memory", self.memory_gib), ("--peak-tflops", self.peak_tflops),
+                        ("--intra-bw", self.intra_bw), ("--inter-bw", self.inter_bw)):
+            if not v > 0:
+                raise InputError(f"{flag} must be positive, got {v:g}")
+
+    @property
+    def local(self) -> int:
+        """GPUs of one job that share a node."""
+        return min(self.gpus, self.gpus_per_node)
+
+    @property
+    def nodes(self) -> int:
+        return math.ceil(self.gpus / self.gpus_per_node)
+
+
+def cluster(
+    gpus: int,
+    gpus_per_node: int = 8,
+    gpu: Optional[str] = None,
+    memory_gib: Optional[float] = None,
+    peak_tflops: Optional[float] = None,
+    intra_bw: Optional[float] = None,
+    inter_bw: Optional[float] = None,
+) -> Cluster:
+    """A cluster from a GPU preset, with any figure given explicitly taking precedence."""
+    given = dict(memory_gib=memory_gib, peak_tflops=peak_tflops, intra_bw=intra_bw, inter_bw=inter_bw)
+    name = "custom"
+    if gpu is not None:
+        preset = _preset(gpu)
+        name = preset.name
+        given = {k: getattr(preset, k) if v is None else v for k, v in given.items()}
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        flags = ", ".join({"memory_gib": "--gpu-memory"}.get(k, "--" + k.replace("_", "-")) for k in missing)
+        raise InputError(f"give --gpu PRESET ({', '.join(GPUS)}) or the figures it would set; missing {flags}")
+    return Cluster(gpus=gpus, gpus_per_node=gpus_per_node, name=name, **given)
+
+
+def _preset(gpu: str) -> GPU:
+    for name, preset in GPUS.items():
+        if name.lower() == gpu.lower():
+            return preset
+    raise InputError(f"unknown GPU preset {gpu!r}; known: {', '.join(GPUS)}")
+
+
+def detect_cluster() -> Cluster:
+    """The cluster this process runs in, from the launcher's env (WORLD_SIZE, LOCAL_WORLD_SIZE) and the
+    device: a known GPU maps to its preset; anything else gets its memory and nominal figures."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        mem = props.total_memory / GiB
+        for preset in GPUS.values():
+            if preset.name.split("-")[0] in props.name and abs(preset.memory_gib - mem) < 0.1 * preset.memory_gib:
+                return cluster(world, local, preset.name, memory_gib=mem)
+        return cluster(world, local, memory_gib=mem, peak_tflops=100.0, intra_bw=100.0, inter_bw=12.5)
+    # CPU: ranks share the host's memory; the figures only rank layouts against each other.
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    return cluster(world, local, memory_gib=host / max(local, 1), peak_tflops=0.1, intra_bw=5.0, inter_bw=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and workload
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab: int
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, vocab: Optional[int] = None) -> "ModelShape":
+        return cls(vocab=vocab or cfg.vocab_size, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                   layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                   head_dim=cfg.head_dim)
+
+    def layer_tensors(self) -> list[int]:
+        """Element counts of one block's tensors: wqkv, wo, w1, w3, w2, attention_norm, ffn_norm."""
+        h, hd = self.hidden, self.head_dim
+        return [(self.heads + 2 * self.kv_heads) * hd * h, self.heads * hd * h, self.ffn * h, self.ffn * h,
+                h * self.ffn, h, h]
+
+    def tensors(self) -> list[int]:
+        """Element counts of every parameter tensor: embedding, blocks, final norm, untied output head."""
+        emb = self.vocab * self.hidden
+        return [emb, *self.layer_tensors() * self.layers, self.hidden, emb]
+
+    @property
+    def layer_params(self) -> int:
+        """SPEC §2.2: H·(nh+2·nkv)·hd + nh·hd·H + 3·H·F + 2H."""
+        return sum(self.layer_tensors())
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.hidden + 2 * self.vocab * self.hidden
+
+    @property
+    def non_embedding_params(self) -> int:
+        """SPEC §2.2's count: without the embedding and the output head."""
+        return self.params - 2 * self.vocab * self.hidden
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·(matmul params, the output head included) + 12·L·H·T for attention
+        (PaLM appendix B)."""
+        matmul = self.non_embedding_params + self.vocab * self.hidden
+        return 6.0 * matmul + 12.0 * self.layers * self.hidden * seq_len
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: ModelShape
+    seq_len: int
+    global_batch_tokens: int
+    precision: str = "bf16"  # "bf16" mixed precision or "fp32"
+    mfu: float = 0.5  # share of peak that executed FLOPs reach
+    flash_attention: bool = True  # InternLM2 trains with FlashAttention-2: no T×T scores kept
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise InputError(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.global_batch_tokens < self.seq_len:
+            raise InputError(f"--global-batch-tokens {self.global_batch_tokens} is less than one sequence "
+                             f"of --seq-len {self.seq_len}")
+        if not 0 < self.mfu <= 1:
+            raise InputError(f"--mfu must be in (0, 1], got {self.mfu:g}")
+        if self.precision not in ("bf16", "fp32"):
+            raise InputError(f"precision must be bf16 or fp32, got {self.precision!r}")
+
+    @property
+    def bytes_per_param(self) -> int:
+        return 2 if self.precision == "bf16" else 4
+
+
+def recipe_vocab(recipe: Recipe) -> int:
+    """The recipe's vocab size; a recipe that takes it from the tokenizer gets the size its tokenizer
+    section will build (cl100k + zh + spares, padded), which is what SPEC §3.3 aims for."""
+    if recipe.model.vocab_size > 0:
+        return recipe.model.vocab_size
+    t = recipe.tokenizer
+    return math.ceil((t.n_en + t.n_zh + t.n_spare) / t.pad_multiple) * t.pad_multiple
+
+
+def workload_for(
+    recipe: Recipe,
+    stage: int = 1,
+    seq_len: Optional[int] = None,
+    global_batch_tokens: Optional[int] = None,
+    mfu: float = 0.5,
+) -> Workload:
+    """The pretraining stage's workload; the global batch defaults to the recipe's tokens per step."""
+    if stage not in (1, 2, 3):
+        raise InputError(f"--stage must be 1, 2 or 3, got {stage}")
+    train: TrainConfig = getattr(recipe.pretrain, f"stage{stage}")
+    seq = seq_len or train.seq_len
+    tokens = global_batch_tokens or seq * train.micro_batch_size * train.grad_accum * RECIPE_GPUS
+    return Workload(ModelShape.from_config(recipe.model, recipe_vocab(recipe)), seq, tokens, train.precision, mfu)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    zero_stage: int
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool = False
+    hpz: int = 1  # zero_hpz_partition_size: 1 = off, else GPUs per node (stage 3 only)
+    tp: int = 1  # lm2's model has no tensor split
+
+    def tokens(self, seq_len: int) -> int:
+        return self.dp * self.micro_batch * self.grad_accum * seq_len
+
+    def describe(self) -> str:
+        hpz = f"+hpZ{self.hpz}" if self.hpz > 1 else ""
+        ck = " ckpt" if self.checkpointing else ""
+        return f"ZeRO-{self.zero_stage}{hpz}{ck} mb {self.micro_batch}×{self.grad_accum}"
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU. `params + grads + optimizer` are the model states the ZeRO paper counts."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    buffers: float
+    runtime: float
+    fragmentation: float
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations + self.logits + self.buffers + self.runtime + self.fragmentation
+
+    def gib(self) -> dict:
+        d = {f.name: getattr(self, f.name) / GiB for f in dataclasses.fields(self)}
+        d.update(model_states=self.model_states / GiB, total=self.total / GiB)
+        return {k: round(v, 3) for k, v in d.items()}
+
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step."""
+
+    compute: float
+    comm: float  # all collectives, as if nothing overlapped
+    exposed_comm: float  # what compute does not hide
+    tokens_per_s: float
+    mfu: float  # model FLOPs (no recompute) per second over peak
+
+    @property
+    def step(self) -> float:
+        return self.compute + self.exposed_comm
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    memory: Memory
+    time: StepTime
+    fits: bool
+    reason: str = ""  # why it does not fit / cannot run
+    kind: str = ""  # "oom" | "batch": the class of the reason, for the summary
+
+    def to_json(self, seq_len: int, capacity_gib: float) -> dict:
+        return {
+            "layout": self.layout.describe(),
+            "zero_stage": self.layout.zero_stage,
+            "hpz_partition_size": self.layout.hpz,
+            "activation_checkpointing": self.layout.checkpointing,
+            "dp": self.layout.dp,
+            "tp": self.layout.tp,
+            "micro_batch": self.layout.micro_batch,
+            "grad_accum": self.layout.grad_accum,
+            "global_batch_tokens": self.layout.tokens(seq_len),
+            "fits": self.fits,
+            "reason": self.reason or None,
+            "memory_gib": {**self.memory.gib(), "capacity": capacity_gib},
+            "time_s": {
+                "step": round(self.time.step, 4),
+                "compute": round(self.time.compute, 4),
+                "comm": round(self.time.comm, 4),
+                "exposed_comm": round(self.time.exposed_comm, 4),
+            },
+            "tokens_per_s": round(self.time.tokens_per_s, 1),
+            "mfu": round(self.time.mfu, 4),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory
+
+
+def zero_shards(stage: int, dp: int) -> tuple[int, int, int]:
+    """Over how many GPUs ZeRO spreads (parameters, gradients, optimizer state): stage 1 shards the
+    optimizer state (P_os), stage 2 also the gradients (P_os+g), stage 3 also the parameters (P_os+g+p)."""
+    return (dp if stage >= 3 else 1, dp if stage >= 2 else 1, dp if stage >= 1 else 1)
+
+
+def model_state_bytes(params: float, dp: int, stage: int, k: int = 12, param_bytes: int = 2,
+                      grad_bytes: int = 2) -> float:
+    """The ZeRO paper's model-state memory per GPU (Rajbhandari et al. 2020, §3, Fig. 1): parameters,
+    gradients and K bytes of optimizer state per parameter, each divided by its shard count."""
+    sp, sg, so = zero_shards(stage, dp)
+    return params * (param_bytes / sp + grad_bytes / sg + k / so)
+
+
+def _persistent_params(shape: ModelShape) -> int:
+    """Elements ZeRO-3 keeps gathered through forward and backward (tensors at or under the threshold)."""
+    return sum(n for n in shape.tensors() if n <= PERSISTENCE_THRESHOLD)
+
+
+def _bucket(shape: ModelShape) -> int:
+    """Bucket size the emitted config uses: DeepSpeed's default, never larger than the model."""
+    return min(REDUCE_BUCKET, shape.params)
+
+
+def memory(work: Workload, layout: Layout, runtime_reserve: float = RUNTIME_RESERVE) -> Memory:
+    """Per-GPU memory at the peak: the model states at their largest plus all a micro-batch allocates.
+
+    Parameters and optimizer state are the ZeRO paper's (K = 12 under bf16: fp32 master + Adam m, v; under
+    fp32, K = 8 for Adam plus 4 for the master copy every ZeRO stage keeps in 0.19.8 — it clones its shard,
+    and ZeRO-3's in-place path never triggers because it compares a torch.device with a device-name
+    string); hpZ adds a secondary parameter shard over the node.
+    """
+    shape, n, s = work.model, layout.dp, layout.zero_stage
+    phi, p = float(shape.params), work.bytes_per_param
+    mixed = work.precision != "fp32"
+    sp, sg, so = zero_shards(s, n)
+    params = p * phi / sp + (p * phi / layout.hpz if s >= 3 and layout.hpz > 1 else 0.0)
+    k = 12 if (mixed or s >= 1) else 8
+    optimizer = k * phi / so
+    # Gradients: the larger of what backward holds (the paper's share, in the model's dtype, DeepSpeed's
+    # default accumulation dtype) and what the optimizer step holds: stage 0 converts the whole set to fp32
+    # beside the bf16 one, ZeRO-1/2 convert their shard and free the rest (in place under fp32), ZeRO-3
+    # flattens its shard into a new fp32 tensor beside its partition buffer.
+    backward = p * phi / sg
+    step = {0: p * phi + (4 * phi if mixed else 0.0), 1: 4 * phi / n, 2: 4 * phi / n}.get(s, (p + 4) * phi / n)
+    grads = max(backward, step)
+    act = activation_bytes(work, layout)
+    logits = layout.micro_batch * work.seq_len * shape.vocab * (p + 8.0)
+    buffers = _buffer_bytes(work, layout)
+    frag = FRAGMENTATION * (act + logits + buffers)
+    return Memory(params, grads, optimizer, act, logits, buffers, runtime_reserve, frag)
+
+
+def activation_bytes(work: Workload, layout: Layout) -> float:
+    """SPEC §6.3: s·b·H·L·(34 + 5·a·s/H)/tp for 16-bit activations; with checkpointing each block keeps only
+    its input (2·s·b·H) and one block at a time is recomputed in full."""
+    m = work.model
+    sbh = work.seq_len * layout.micro_batch * m.hidden
+    scores = 0.0 if work.flash_attention else 5.0 * m.heads * work.seq_len / m.hidden
+    per_layer = sbh * (34.0 + scores) / layout.tp * (work.bytes_per_param / 2)
+    if not layout.checkpointing:
+        return per_layer * m.layers
+    return 2.0 * sbh * (work.bytes_per_param / 2) * m.layers + per_layer
+
+
+def _buffer_bytes(work: Workload, layout: Layout) -> float:
+    """DeepSpeed's communication buffers: the gradient all-reduce bucket (stage 0), the reduce bucket(s)
+    (stage 1/2, two with overlap_comm), ZeRO-3's reduce bucket and its gathered-parameter working set."""
+    shape, p, s = work.model, work.bytes_per_param, layout.zero_stage
+    if layout.dp == 1 and s == 0:
+        return 0.0
+    bucket = _bucket(shape)
+    if s == 0:
+        return p * bucket
+    if s == 1:
+        return p * bucket
+    if s == 2:
+        return 2 * p * bucket  # overlap_comm double-buffers
+    if layout.dp == 1:
+        return p * bucket  # one rank holds every parameter already: nothing is gathered
+    # The module being computed plus what prefetch has gathered ahead, and the small persistent tensors.
+    largest = max(max(shape.layer_tensors()), shape.vocab * shape.hidden)
+    gathered = min(MAX_LIVE_PARAMETERS, largest + min(PREFETCH_BUCKET, shape.params))
+    return p * (bucket + gathered + _persistent_params(shape))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time
+
+
+def _ring(nbytes: float, ranks: int, local: int, cl: Cluster) -> float:
+    """Seconds for a reduce-scatter (or all-gather) of `nbytes` over `ranks` GPUs, `local` per node:
+    (g−1)/g of the bytes over NVLink, then (m−1)/m of 1/g of them across m nodes on each GPU's NIC."""
+    if ranks <= 1:
+        return 0.0
+    g = min(local, ranks)
+    m = math.ceil(ranks / g)
+    intra = (g - 1) / g * nbytes / (cl.intra_bw * GB)
+    inter = (m - 1) / m * (nbytes / g) / (cl.inter_bw * GB)
+    return intra + inter
+
+
+def step_time(work: Workload, layout: Layout, cl: Cluster) -> StepTime:
+    shape, n, s = work.model, layout.dp, layout.zero_stage
+    tokens_gpu = layout.micro_batch * layout.grad_accum * work.seq_len
+    useful = shape.flops_per_token(work.seq_len) * tokens_gpu
+    executed = useful * (4.0 / 3.0 if layout.checkpointing else 1.0)  # recompute = one more forward
+    compute = executed / (cl.peak_tflops * 1e12 * work.mfu)
+    micro_compute = compute / layout.grad_accum
+    backward_share = (3.0 if layout.checkpointing else 2.0) / (4.0 if layout.checkpointing else 3.0)
+
+    volume = work.bytes_per_param * shape.params
+    rs = _ring(volume, n, cl.local, cl)  # a reduce-scatter and an all-gather take the same time
+    if s <= 1:
+        # Stage 0 all-reduces after the last micro-batch's backward; stage 1 reduce-scatters there and
+        # all-gathers the updated weights after the step: nothing runs beside compute.
+        total, blocking, overlapped, window = 2 * rs, 2 * rs, 0.0, 0.0
+    elif s == 2:
+        # Gradients are sharded, so every micro-batch reduce-scatters, during its backward.
+        total, blocking, overlapped, window = rs * (layout.grad_accum + 1), rs, rs, backward_share * micro_compute
+    else:
+        # Every micro-batch gathers the weights for forward and again for backward (inside the node with
+        # hpZ) and reduce-scatters gradients; prefetch and overlap_comm run them beside compute.
+        bwd_gather = _ring(volume, layout.hpz, layout.hpz, cl) if layout.hpz > 1 else rs
+        overlapped = 2 * rs + bwd_gather
+        total, blocking, window = overlapped * layout.grad_accum, 0.0, micro_compute
+    hideable = OVERLAP_EFFICIENCY * window
+    unhidden = max(0.0, overlapped - hideable)
+    exposed = blocking + (unhidden + INTERFERENCE * min(overlapped, hideable)) * layout.grad_accum
+    step = compute + exposed
+    global_tokens = tokens_gpu * n
+    mfu = useful / (step * cl.peak_tflops * 1e12)
+    return StepTime(compute, total, exposed, global_tokens / step, mfu)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Enumeration
+
+
+def _splits(work: Workload, dp: int) -> Iterable[tuple[int, int, str]]:
+    """(micro batch, accumulation, why it cannot run or '') for each micro batch worth trying."""
+    for mb in MICRO_BATCHES:
+        per_micro = dp * mb * work.seq_len
+        accum = max(1, round(work.global_batch_tokens / per_micro))
+        reached = per_micro * accum
+        off = reached / work.global_batch_tokens - 1
+        if abs(off) <= BATCH_TOLERANCE:
+            yield mb, accum, ""
+        else:
+            yield mb, accum, (f"global batch {work.global_batch_tokens:,} tokens is not reachable: dp {dp} × "
+                              f"micro {mb} × accum {accum} × seq {work.seq_len} = {reached:,} ({off:+.0%})")
+        if per_micro >= work.global_batch_tokens:
+            return  # larger micro-batches only overshoot further
+
+
+def layouts(work: Workload, cl: Cluster, zero_stages: Optional[Iterable[int]] = None) -> Iterable[tuple[Layout, str]]:
+    stages = sorted(set(zero_stages)) if zero_stages is not None else [0, 1, 2, 3]
+    hpzs = [1] + ([cl.gpus_per_node] if cl.gpus > cl.gpus_per_node > 1 else [])
+    dp = cl.gpus  # tp = pp = 1
+    for mb, accum, why in _splits(work, dp):
+        for stage in stages:
+            for hpz in hpzs if stage == 3 else [1]:
+                for ckpt in (False, True):
+                    yield Layout(dp, stage, mb, accum, ckpt, hpz), why
+
+
+def enumerate_plan(work: Workload, cl: Cluster, zero_stages: Optional[Iterable[int]] = None) -> list[Candidate]:
+    """Every layout with its memory and time, the runnable ones fastest first, then the others."""
+    capacity = cl.memory_gib * GiB
+    out = []
+    for layout, why in layouts(work, cl, zero_stages):
+        mem, t = memory(work, layout), step_time(work, layout, cl)
+        if why:
+            out.append(Candidate(layout, mem, t, False, why, "batch"))
+        elif mem.total > capacity:
+            reason = (f"out of memory: needs {mem.total / GiB:.1f} GiB > {cl.memory_gib:g} GiB "
+                      f"(over by {(mem.total - capacity) / GiB:.1f} GiB)")
+            out.append(Candidate(layout, mem, t, False, reason, "oom"))
+        else:
+            out.append(Candidate(layout, mem, t, True))
+    out.sort(key=lambda c: (not c.fits, c.time.step if c.fits else c.memory.total, c.memory.total))
+    return out
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    cluster: Cluster
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def fitting(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.fits]
+
+    def best(self) -> Candidate:
+        if not self.fitting:
+            raise InputError(self.no_fit_message())
+        return self.fitting[0]
+
+    def no_fit_message(self) -> str:
+        cl, w = self.cluster, self.workload
+        oom = [c for c in self.candidates if c.kind == "oom"]
+        where = f"{cl.gpus} × {cl.memory_gib:g} GiB ({cl.name})"
+        if oom:
+            c = min(oom, key=lambda c: c.memory.total)
+            states = c.memory.model_states / GiB
+            fix = "add GPUs" if states > cl.memory_gib else "add GPUs or shorten --seq-len"
+            return (f"no layout fits on {where}: the smallest, {c.layout.describe()}, needs "
+                    f"{c.memory.total / GiB:.1f} GiB per GPU (model states {states:.1f} GiB); {fix}")
+        return (f"no layout reaches a global batch of {w.global_batch_tokens:,} tokens (±{BATCH_TOLERANCE:.0%}) with "
+                f"{cl.gpus} GPUs × seq {w.seq_len}; change --global-batch-tokens or --gpus")
+
+    def to_json(self) -> list[dict]:
+        return [c.to_json(self.workload.seq_len, self.cluster.memory_gib) for c in self.candidates]
+
+
+def plan_recipe(
+    recipe: Recipe,
+    cl: Cluster,
+    stage: int = 1,
+    seq_len: Optional[int] = None,
+    global_batch_tokens: Optional[int] = None,
+    mfu: float = 0.5,
+    zero_stages: Optional[Iterable[int]] = None,
+) -> Plan:
+    work = workload_for(recipe, stage, seq_len, global_batch_tokens, mfu)
+    return Plan(work, cl, enumerate_plan(work, cl, zero_stages))
+
+
+def best_layout(recipe: Recipe, cl: Cluster, stage: int = 1, **kw) -> Candidate:
+    """The fastest layout that fits, for `lm2 pretrain --plan`; InputError (one line) when none does.
+
+    Use: `choice = best_layout(recipe, detect_cluster(), stage)`, then
+    `write_deepspeed_config(choice, train_cfg, run_dir / "deepspeed.json")` and set the model's
+    `gradient_checkpointing = choice.layout.checkpointing`.
+    """
+    return plan_recipe(recipe, cl, stage, **kw).best()
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def deepspeed_config(layout: Layout, train: TrainConfig, bucket: int = REDUCE_BUCKET) -> dict:
+    """The deepspeed 0.19.8 config for a layout. The optimizer is the caller's (a torch AdamW passed to
+    `deepspeed.initialize`), hence `zero_allow_untested_optimizer`; activation checkpointing is the
+    model's own flag (`InternLM2.gradient_checkpointing`), not a DeepSpeed section."""
+    zero: dict = {
+        "stage": layout.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": layout.zero_stage >= 2,
+        "reduce_scatter": True,
+        "reduce_bucket_size": int(bucket),
+        "allgather_bucket_size": int(bucket),
+    }
+    if layout.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=PREFETCH_BUCKET,
+            stage3_param_persistence_threshold=PERSISTENCE_THRESHOLD,
+            stage3_max_live_parameters=MAX_LIVE_PARAMETERS,
+            stage3_gather_16bit_weights_on_model_save=True,
+            zero_hpz_partition_size=layout.hpz,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.micro_batch * layout.grad_accum * layout.dp,
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # lm2 logs progress itself
+        "wall_clock_breakdown": False,
+    }
+
+
+def write_deepspeed_config(choice: Candidate | Layout, train: TrainConfig, path: str | Path,
+                           shape: Optional[ModelShape] = None) -> Path:
+    """Write the DeepSpeed JSON for a chosen layout (a `Candidate` from `best_layout`, or a `Layout`).
+    With `shape`, buckets shrink to the model's size, as the planner assumed."""
+    layout = choice.layout if isinstance(choice, Candidate) else choice
+    cfg = deepspeed_config(layout, train, _bucket(shape) if shape else REDUCE_BUCKET)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+
+def print_plan(plan: Plan, top: int = 5) -> None:
+    """The best few as a Rich table, then why the rest cannot run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if os.isatty(1) else 150)
+    w, cl = plan.workload, plan.cluster
+    m = w.model
+    console.print(
+        f"[bold]{m.params / 1e9:.3f}B params[/bold] (non-embedding {m.non_embedding_params / 1e9:.3f}B), "
+        f"seq {w.seq_len}, global batch {w.global_batch_tokens:,} tokens, {w.precision}, MFU {w.mfu:g}; "
+        f"{cl.gpus} × {cl.name} = {cl.nodes} node{'s' if cl.nodes > 1 else ''} × {cl.local}, {cl.memory_gib:g} GiB, "
+        f"{cl.peak_tflops:g} TFLOP/s, {cl.intra_bw:g}/{cl.inter_bw:g} GB/s in/across nodes; dp {cl.gpus}, tp = pp = 1"
+    )
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("#", "layout (micro × accum)", "batch", "params", "grads", "optim", "activ", "logits+buf", "total GiB",
+                "step s", "comm s", "tokens/s", "MFU"):
+        table.add_column(col, justify="left" if col.startswith("layout") else "right", no_wrap=True)
+    for i, c in enumerate(plan.fitting[:top], 1):
+        g = c.memory.gib()
+        table.add_row(
+            str(i), c.layout.describe(), _tokens(c.layout.tokens(w.seq_len)), f"{g['params']:.1f}", f"{g['grads']:.1f}", f"{g['optimizer']:.1f}",
+            f"{g['activations']:.1f}", f"{g['logits'] + g['buffers']:.1f}", f"{g['total']:.1f}",
+            f"{c.time.step:.2f}", f"{c.time.exposed_comm:.2f}", f"{c.time.tokens_per_s:,.0f}", f"{c.time.mfu:.1%}",
+        )
+    console.print(table)
+    console.print("GiB per GPU; total adds a runtime reserve and fragmentation headroom; comm s is what overlap "
+                  "does not hide; batch = tokens per optimizer step reached", style="dim")
+    for line in rejection_summary(plan):
+        console.print(line, markup=False)
+
+
+def _tokens(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def rejection_summary(plan: Plan) -> list[str]:
+    rejected = [c for c in plan.candidates if not c.fits]
+    if not rejected:
+        return [f"all {len(plan.candidates)} layouts fit"]
+    lines = [f"{len(plan.fitting)} of {len(plan.candidates)} layouts fit; rejected:"]
+    oom = sorted((c for c in rejected if c.kind == "oom"), key=lambda c: c.memory.total)
+    if oom:
+        lines.append(f"  {len(oom)} out of memory, e.g.")
+        seen = set()
+        for c in oom:  # the nearest miss of each ZeRO stage says what each stage lacks
+            key = (c.layout.zero_stage, c.layout.hpz)
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"    {c.layout.describe()}: {c.reason}")
+    batch = [c for c in rejected if c.kind == "batch"]
+    if batch:
+        lines.append(f"  {len(batch)} cannot reach the global batch, e.g. {batch[0].reason}")
+    return lines
+
+
+def run_plan(
+    recipe: Recipe,
+    gpus: int,
+    gpus_per_node: int = 8,
+    gpu: Optional[str] = None,
+    gpu_memory: Optional[float] = None,
+    peak_tflops: Optional[float] = None,
+    intra_bw: Optional[float] = None,
+    inter_bw: Optional[float] = None,
+    stage: int = 1,
+    seq_len: Optional[int] = None,
+    global_batch_tokens: Optional[int] = None,
+    mfu: float = 0.5,
+    zero: Optional[list[int]] = None,
+    top: int = 5,
+    json_out: bool = False,
+) -> Plan:
+    """`lm2 plan`: every layout for the recipe's pretraining stage on the cluster, best first."""
+    if zero and any(z not in (0, 1, 2, 3) for z in zero):
+        raise InputError(f"--zero takes 0, 1, 2 or 3, got {', '.join(map(str, zero))}")
+    if top < 1:
+        raise InputError(f"--top must be at least 1, got {top}")
+    cl = cluster(gpus, gpus_per_node, gpu, gpu_memory, peak_tflops, intra_bw, inter_bw)
+    plan = plan_recipe(recipe, cl, stage, seq_len, global_batch_tokens, mfu, zero or None)
+    plan.best()  # nothing runnable is an input problem: say so in one line
+    if json_out:
+        from .console import print_json
+
+        print_json(plan.to_json())
+    else:
+        print_plan(plan, top)
+    return plan
