@@ -557,6 +557,39 @@ def needle(
 
 
 # ---------------------------------------------------------------------------------------------------
+# planning
+
+
+@app.command()
+def plan(
+    gpus: int = typer.Option(..., "--gpus", help="GPUs in the job (data-parallel size; lm2 keeps tp = pp = 1)."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (NVLink domain; hpZ group)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Preset: A100-40, A100-80, H100-80, H200-141 "
+                                      "(memory, bf16 peak, NVLink/IB bandwidth); explicit figures override it."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GiB per GPU."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Dense bf16 TFLOP/s per GPU."),
+    intra_bw: Optional[float] = typer.Option(None, "--intra-bw", help="GB/s per GPU inside a node (NVLink)."),
+    inter_bw: Optional[float] = typer.Option(None, "--inter-bw", help="GB/s per GPU across nodes (its NIC)."),
+    stage: int = typer.Option(1, "--stage", help="Pretraining stage whose seq_len, precision and batch to plan."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default: the stage's)."),
+    global_batch_tokens: Optional[int] = typer.Option(None, "--global-batch-tokens", help="Tokens per optimizer "
+                                                      "step (default: the recipe's, sized for 8 GPUs)."),
+    mfu: float = typer.Option(0.5, "--mfu", help="Share of peak the executed FLOPs reach."),
+    zero: Optional[List[int]] = typer.Option(None, "--zero", help="Only these ZeRO stages (repeatable)."),
+    top: int = typer.Option(5, "--top", help="Layouts to show in the table."),
+    recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print every layout as JSON, best first."),
+) -> None:
+    """Simulate memory and step time of the DeepSpeed layouts (ZeRO 0-3, hpZ, checkpointing, micro-batch ×
+    accumulation) for a recipe on a cluster; print the fastest that fit and why the others do not."""
+    from .plan import run_plan
+
+    run_plan(_recipe(recipe, set_), gpus, gpus_per_node, gpu, gpu_memory, peak_tflops, intra_bw, inter_bw, stage,
+             seq_len, global_batch_tokens, mfu, zero, top, json_out)
+
+
+# ---------------------------------------------------------------------------------------------------
 # workspace
 
 
