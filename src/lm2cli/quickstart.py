@@ -27,9 +27,21 @@ def _tokenize(ws: Workspace, recipe) -> Path:
     return run_tokenize(ws, recipe)
 
 
+def _prepare(ws, recipe):
+    """Train the bundled ad/fluency/toxic classifiers, then run `lm2 prepare` on the examples corpus."""
+    from .config import examples_dir
+    from .data.pipeline import run_prepare
+    from .data.quality import train_classifier
+
+    for name in ("ad", "fluency", "toxic"):
+        train_classifier(examples_dir() / "labels" / f"{name}.jsonl", name, ws.root / "data" / "classifiers" / f"{name}.npz")
+    run_prepare(None, ws, recipe.prepare, recipe_name=recipe.name)
+    return ws.prepared
+
+
 def _steps():
     """(name, function(ws, recipe) -> artefact path) for each landed stage, in pipeline order."""
-    steps = []
+    steps = [("prepare", _prepare)]
     steps += [("build-vocab", _build_vocab), ("tokenize", _tokenize)]
     return steps
 
