@@ -522,17 +522,24 @@ def build(out: Path = OUT, seed: int = SEED) -> dict:
 
     (HERE / "planted.json").write_text(json.dumps({"seed": seed, "python": sys.version.split()[0], "groups": planted},
                                                   ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    build_labels(random.Random(seed + 1))
+    build_labels(random.Random(seed + 1), [d["text"] for d in docs[::3]] + [d["text"] for d in reference_topics()[::2]])
     return {"groups": len(planted)}
 
 
-def build_labels(rng: random.Random) -> None:
-    """Labelled JSONL for `lm2 prepare train-classifier` (label 1 = ad / fluent / toxic)."""
+def build_labels(rng: random.Random, reference: list[str]) -> None:
+    """Labelled JSONL for `lm2 prepare train-classifier` (label 1 = ad / fluent / toxic).
+
+    The clean side mixes generated zh/en prose with real English (stdlib docstrings and the language
+    reference), so the classifiers learn "ad/salad/toxic vs. ordinary text", not "generated vs. real".
+    """
     labels = HERE / "labels"
     labels.mkdir(exist_ok=True)
 
     def prose() -> str:
-        return S.zh_document(rng) if rng.random() < 0.5 else S.en_document(rng)
+        r = rng.random()
+        if r < 0.3:
+            return rng.choice(reference)
+        return S.zh_document(rng) if r < 0.65 else S.en_document(rng)
 
     ad = [{"text": zh_ad(rng) if i % 2 else en_ad(rng), "label": 1} for i in range(300)]
     ad += [{"text": prose(), "label": 0} for _ in range(300)]
@@ -541,7 +548,8 @@ def build_labels(rng: random.Random) -> None:
         lang = "zh" if i % 2 else "en"
         fl.append({"text": word_salad(rng, S.zh_document(rng) if lang == "zh" else S.en_document(rng), lang), "label": 0})
     tox = [{"text": toxic_text(rng), "label": 1} for _ in range(200)]
-    tox += [{"text": S.zh_paragraph(rng) if i % 2 else S.en_paragraph(rng), "label": 0} for i in range(200)]
+    tox += [{"text": S.zh_paragraph(rng) if i % 2 else S.en_paragraph(rng), "label": 0} for i in range(100)]
+    tox += [{"text": prose(), "label": 0} for _ in range(150)]
     for name, rows in (("ad", ad), ("fluency", fl), ("toxic", tox)):
         rng.shuffle(rows)
         (labels / f"{name}.jsonl").write_bytes(_jsonl(rows))

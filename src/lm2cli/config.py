@@ -274,6 +274,7 @@ class SafetyConfig:
     zh_max_hits_per_line: float = 0.5  # ChineseWebText
     toxic_model: str = ""  # "" = <workdir>/data/classifiers/toxic.npz if present; "none" = off
     toxic_threshold: float = 0.5  # drop when P(toxic) >= this
+    classifier_langs: list = _f(["zh", "en", "mixed"])  # the toxicity classifier scores prose only
 
 
 @dataclass
@@ -284,6 +285,7 @@ class QualityConfig:
     fluency_threshold: float = 0.5  # keep when fluency_score >= this
     perplexity_model: str = ""  # an lm2 checkpoint folder; "" = off
     max_perplexity: float = 0.0  # 0 = only record the score
+    langs: list = _f(["zh", "en", "mixed"])  # classifiers trained on prose do not judge code
 
 
 @dataclass

@@ -55,12 +55,12 @@ def detect_lid(text: str) -> tuple[str, float, bool]:
 
 def classify(text: str, content_type: str) -> dict:
     """Return {"lang", "lang_score", "cjk_ratio", "mixed", "lid", "code_score"} for a standardized text."""
-    nonspace = sum(1 for ch in text if not ch.isspace()) or 1
+    nonspace = mixed.count_nonspace(text) or 1
     n_cjk = mixed.count_cjk(text)
     cjk_ratio = n_cjk / nonspace
+    n_cjk_tok = n_cjk  # every CJK ideograph is a token of its own
     toks = mixed.tokens(text)
-    n_cjk_tok = sum(1 for t in toks if mixed.is_cjk_token(t))
-    n_word = sum(1 for t in toks if not mixed.is_cjk_token(t) and not t.isdigit())
+    n_word = len(toks) - n_cjk - sum(1 for t in toks if t.isdigit())
     share = n_cjk_tok / max(1, n_cjk_tok + n_word)
     info = {"cjk_ratio": round(cjk_ratio, 4), "mixed": False}
     if content_type == "code":

@@ -35,7 +35,7 @@ _WS = re.compile(r"\s+")
 def normalize_for_shingles(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower()
     text = _DIGIT.sub("0", text)
-    text = "".join(" " if (mixed.is_punct(ch) or mixed.is_symbol(ch)) else ch for ch in text)
+    text = mixed.NON_WORD.sub(" ", text)
     return _WS.sub(" ", text).strip()
 
 
@@ -63,37 +63,65 @@ def scheme_record(cfg: DedupConfig) -> dict:
     import datasketch
 
     return {"library": f"datasketch {datasketch.__version__}", "scheme": cfg.scheme, "seed": cfg.seed,
-            "num_perm": cfg.num_perm, "hashfunc": cfg.hashfunc, "bands": cfg.bands, "rows": cfg.rows,
+            "num_perm": cfg.num_perm,
+            "hashfunc": ("xxh32 per token, polynomial n-gram mix folded to 32 bits" if cfg.hashfunc == "xxh32"
+                         else "datasketch sha1_hash32 of the joined n-gram"), "bands": cfg.bands, "rows": cfg.rows,
             "threshold": cfg.threshold,
             "shingle": {"ngram": cfg.ngram, "unit": "mixed tokens (CJK char, Latin/digit run)",
                         "normalize": "NFKC, lowercase, digits->0, punctuation->space"}}
 
 
-def _hashfunc(name: str) -> Callable:
-    if name == "xxh32":
-        import xxhash
+_P = np.uint64(0x9E3779B97F4A7C15)
+CHUNK = 8192  # shingles per update_batch call: bounds the (shingles x num_perm) matrix datasketch builds
 
-        return xxhash.xxh32_intdigest
-    from datasketch.hashfunc import sha1_hash32
 
-    return sha1_hash32
+def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
+    """The document's shingle set as distinct 32-bit hashes (uint32).
+
+    Each token is hashed once with xxh32; an n-gram's hash is the polynomial combination of its tokens'
+    hashes mod 2^64, folded to 32 bits. This equals hashing the joined n-gram string in what it
+    identifies (up to 32-bit collisions) and costs one C-level hash per token instead of a joined string per shingle.
+    """
+    import xxhash
+
+    toks = mixed.tokens(normalize_for_shingles(text))
+    m = len(toks) - n + 1
+    if m <= 0:
+        return np.zeros(0, dtype=np.uint32)
+    th = np.fromiter(map(xxhash.xxh32_intdigest, map(str.encode, toks)), dtype=np.uint64, count=len(toks))
+    h = th[:m].copy()
+    for k in range(1, n):
+        h = h * _P + th[k:k + m]
+    return np.unique(((h >> np.uint64(32)) ^ h).astype(np.uint32))
 
 
 class Signer:
-    """MinHash signatures with one set of permutations, copied per document (datasketch's bulk path)."""
+    """MinHash signatures with one set of datasketch permutations, copied per document (its bulk path).
+
+    hashfunc "xxh32": shingles are pre-hashed by `shingle_hashes` and datasketch applies its scheme
+    (fmix + affine permutations) to those integers; "sha1": datasketch's default sha1_hash32 of each
+    joined n-gram string (slower, for comparison with other datasketch users).
+    """
 
     def __init__(self, cfg: DedupConfig):
+        from datasketch.hashfunc import sha1_hash32
+
         self.cfg = cfg
-        self.base = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=cfg.scheme, hashfunc=_hashfunc(cfg.hashfunc))
+        fn = int if cfg.hashfunc == "xxh32" else sha1_hash32
+        self.base = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=cfg.scheme, hashfunc=fn)
         self.dtype = self.base.hashvalues.dtype
 
     def signature(self, text: str) -> Optional[np.ndarray]:
         """The document's hash values, or None when it has no shingles (such documents are kept)."""
-        sh = shingles(text, self.cfg.ngram)
-        if not sh:
+        if self.cfg.hashfunc == "xxh32":
+            items = shingle_hashes(text, self.cfg.ngram).tolist()
+        else:
+            items = sorted(shingles(text, self.cfg.ngram))
+        if not items:
             return None
         m = self.base.copy()
-        m.update_batch(sh)
+        for i in range(0, len(items), CHUNK):
+            m.update_batch(items[i:i + CHUNK])
         return m.hashvalues
 
     def lean(self, hashvalues: np.ndarray) -> LeanMinHash:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 
 # CJK Unified Ideographs + Ext-A + compatibility + Ext-B and later (SPEC §4.3).
 CJK_CLASS = "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0003134f"
@@ -20,6 +21,16 @@ TERMINAL = (".", "!", "?", '"', "'", "。", "！", "？", "．", "｡", "；", "
 
 def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
+
+
+def count_tokens_upto(text: str, limit: int) -> int:
+    """min(number of mixed tokens, limit), without tokenizing the whole text."""
+    n = 0
+    for _ in _TOKEN.finditer(text):
+        n += 1
+        if n >= limit:
+            break
+    return n
 
 
 def count_cjk(text: str) -> int:
@@ -40,3 +51,42 @@ def is_punct(ch: str) -> bool:
 
 def is_symbol(ch: str) -> bool:
     return unicodedata.category(ch).startswith("S")
+
+
+# Characters that are neither word characters nor whitespace: punctuation, symbols, marks, controls.
+# Only these few are looked up in the Unicode database, so counting stays in C for the bulk of the text.
+NON_WORD = re.compile(r"[^\w\s]|_")
+_SPACE = re.compile(r"\s")
+_ALPHA_TOKEN = re.compile(r"[^\W\d_]")
+
+
+def punct_symbol_counts(text: str) -> tuple[int, int]:
+    """(punctuation, symbols) by Unicode category P* / S*."""
+    p = s = 0
+    for ch, n in Counter(NON_WORD.findall(text)).items():
+        c = unicodedata.category(ch)[0]
+        if c == "P":
+            p += n
+        elif c == "S":
+            s += n
+    return p, s
+
+
+def count_nonspace(text: str) -> int:
+    return len(text) - len(_SPACE.findall(text))
+
+
+_NO_LETTER_WORD = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
+
+
+def count_words_without_letters(text: str) -> int:
+    """Whitespace-delimited words that contain no letter (Gopher's alpha-words rule)."""
+    return len(_NO_LETTER_WORD.findall(text))
+
+
+def count_alpha(text: str) -> int:
+    return len(_ALPHA_TOKEN.findall(text))
+
+
+def has_alpha(token: str) -> bool:
+    return _ALPHA_TOKEN.search(token) is not None

@@ -35,7 +35,8 @@ def features(text: str, bits: int) -> np.ndarray:
     if not grams:
         return np.zeros(0, dtype=np.int64)
     mask = (1 << bits) - 1
-    return np.unique(np.fromiter((xxhash.xxh32_intdigest(g) & mask for g in grams), dtype=np.int64, count=len(grams)))
+    hashes = np.fromiter(map(xxhash.xxh32_intdigest, map(str.encode, grams)), dtype=np.int64, count=len(grams))
+    return np.unique(hashes & mask)
 
 
 @dataclass
@@ -195,6 +196,8 @@ class Quality:
     def check(self, record: dict) -> Optional[str]:
         lm2 = record["meta"]["lm2"]
         text = record["text"]
+        if record["lang"] not in self.cfg.langs:
+            return None
         if self.ad is not None:
             lm2["not_ad_score"] = round(1.0 - self.ad.score(text), 4)
             if lm2["not_ad_score"] < self.cfg.ad_threshold:

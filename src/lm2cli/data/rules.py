@@ -15,6 +15,8 @@ import re
 from collections import Counter
 from typing import Optional
 
+import numpy as np
+
 from ..config import CodeRules, CommonRules, EnRules, RulesConfig, ZhRules
 from . import mixed
 
@@ -34,10 +36,19 @@ class Doc:
         self.lines = [ln.strip() for ln in text.split("\n")]
         self.lines = [ln for ln in self.lines if ln]
         self.paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-        self.tokens = mixed.tokens(text)
+        self.tokens = mixed.tokens(text.lower())  # every rule here is case-insensitive
         self.n_tokens = len(self.tokens)
-        self.nonspace = sum(1 for ch in text if not ch.isspace())
-        self.token_chars = sum(len(t) for t in self.tokens)
+        self.nonspace = mixed.count_nonspace(text)
+        self.token_chars = sum(map(len, self.tokens))
+        self._ids: Optional[np.ndarray] = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids as uint64, token lengths) for the n-gram rules."""
+        if self._ids is None:
+            # Python's str hash is salted per process, which is fine here: ids only compare within one document.
+            self._ids = np.fromiter(map(hash, self.tokens), dtype=np.int64, count=self.n_tokens).view(np.uint64)
+            self._lens = np.fromiter(map(len, self.tokens), dtype=np.int64, count=self.n_tokens)
+        return self._ids, self._lens
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,33 +71,43 @@ def _dup_fraction(items: list[str]) -> tuple[float, float]:
     return dup / len(items), dup_chars / max(1, total_chars)
 
 
-def _top_ngram_frac(ids: list[int], lens: list[int], n: int, total: int) -> float:
+_P = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier: n-gram keys by polynomial hashing, in C
+
+
+def _gram_keys(ids: np.ndarray, n: int) -> np.ndarray:
+    m = len(ids) - n + 1
+    h = ids[:m].copy()
+    for k in range(1, n):
+        h = h * _P + ids[k:k + m]
+    return h
+
+
+def _top_ngram_frac(ids: np.ndarray, lens: np.ndarray, n: int, total: int) -> float:
+    """Chars of the most frequent n-gram times its count, over all token chars (Gopher)."""
     if len(ids) < n or not total:
         return 0.0
-    grams = Counter(zip(*(ids[i:] for i in range(n))))
-    gram, count = grams.most_common(1)[0]
-    if count < 2:
+    _, first, counts = np.unique(_gram_keys(ids, n), return_index=True, return_counts=True)
+    j = int(counts.argmax())
+    if counts[j] < 2:
         return 0.0
-    start = next(i for i in range(len(ids) - n + 1) if tuple(ids[i:i + n]) == gram)
-    return sum(lens[start:start + n]) * count / total
+    start = int(first[j])
+    return float(lens[start:start + n].sum()) * int(counts[j]) / total
 
 
-def _dup_ngram_frac(ids: list[int], lens: list[int], n: int, total: int) -> float:
+def _dup_ngram_frac(ids: np.ndarray, lens: np.ndarray, n: int, total: int) -> float:
     """Share of token chars covered by n-grams that occur more than once (overlaps counted once)."""
     if len(ids) < n or not total:
         return 0.0
-    grams = list(zip(*(ids[i:] for i in range(n))))
-    counts = Counter(grams)
-    if len(counts) == len(grams):
+    _, inverse, counts = np.unique(_gram_keys(ids, n), return_inverse=True, return_counts=True)
+    starts = np.nonzero(counts[inverse] > 1)[0]
+    if starts.size == 0:
         return 0.0
-    covered = bytearray(len(ids))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + n] = b"\x01" * n
-    return sum(l for l, c in zip(lens, covered) if c) / total
+    edge = np.bincount(starts, minlength=len(ids) + n) - np.bincount(starts + n, minlength=len(ids) + n)
+    covered = np.cumsum(edge)[: len(ids)] > 0
+    return float(lens[covered].sum()) / total
 
 
-def _repetition(doc: Doc, cfg, lowercase: bool) -> Optional[str]:
+def _repetition(doc: Doc, cfg) -> Optional[str]:
     for name, limit, (frac, char_frac) in (
         ("lines", (cfg.max_dup_line_frac, cfg.max_dup_line_char_frac), _dup_fraction(doc.lines)),
         ("paragraphs", (cfg.max_dup_para_frac, cfg.max_dup_para_char_frac), _dup_fraction(doc.paragraphs)),
@@ -95,10 +116,7 @@ def _repetition(doc: Doc, cfg, lowercase: bool) -> Optional[str]:
             return f"gopher_rep.dup_{name}"
         if limit[1] is not None and char_frac > limit[1]:
             return f"gopher_rep.dup_{name}_chars"
-    toks = [t.lower() for t in doc.tokens] if lowercase else doc.tokens
-    vocab: dict[str, int] = {}
-    ids = [vocab.setdefault(t, len(vocab)) for t in toks]
-    lens = [len(t) for t in toks]
+    ids, lens = doc.arrays()
     total = doc.token_chars
     for n, limit in zip((2, 3, 4), cfg.max_top_ngram_char_frac):
         if limit is not None and _top_ngram_frac(ids, lens, n, total) > limit:
@@ -139,14 +157,7 @@ def _fineweb(doc: Doc, cfg, n_words: int) -> Optional[str]:
 
 def _common(doc: Doc, cfg: CommonRules, control_removed: int) -> Optional[str]:
     n = max(1, doc.nonspace)
-    sym = punct = 0
-    for ch in doc.text:
-        if ch.isalnum() or ch.isspace():
-            continue
-        if mixed.is_punct(ch):
-            punct += 1
-        elif mixed.is_symbol(ch):
-            sym += 1
+    punct, sym = mixed.punct_symbol_counts(doc.text)
     bad = doc.text.count("\ufffd") + control_removed
     if cfg.max_control_ratio is not None and bad / n > cfg.max_control_ratio:
         return "lm2.control_chars"
@@ -157,7 +168,7 @@ def _common(doc: Doc, cfg: CommonRules, control_removed: int) -> Optional[str]:
     if cfg.min_punct_ratio is not None and punct / n < cfg.min_punct_ratio:
         return "lm2.punct_low"
     if cfg.max_single_token_lines_ratio is not None and doc.lines:
-        single = sum(1 for ln in doc.lines if len(mixed.tokens(ln)) <= 1)
+        single = sum(1 for ln in doc.lines if mixed.count_tokens_upto(ln, 2) <= 1)
         if single / len(doc.lines) > cfg.max_single_token_lines_ratio:
             return "lm2.single_token_lines"
     return None
@@ -226,12 +237,12 @@ def check_en(record: dict, cfg: EnRules, common: CommonRules) -> Optional[str]:
                 and sum(ln.endswith(ELLIPSIS) for ln in doc.lines) / len(doc.lines) > cfg.max_ellipsis_lines_ratio):
             return "gopher.ellipsis_lines"
     if cfg.min_alpha_words_ratio is not None:
-        ws = text.split()
-        if sum(1 for w in ws if any(c.isalpha() for c in w)) / max(1, len(ws)) < cfg.min_alpha_words_ratio:
+        n_ws = len(text.split())
+        if (n_ws - mixed.count_words_without_letters(text)) / max(1, n_ws) < cfg.min_alpha_words_ratio:
             return "gopher.alpha_words"
     if cfg.min_stop_words is not None:
         stops = set(cfg.stop_words)
-        if len(stops.intersection(t.lower() for t in words)) < cfg.min_stop_words:
+        if len(stops.intersection(words)) < cfg.min_stop_words:
             return "gopher.stop_words"
     reason = _common(doc, common, record["meta"]["lm2"].get("control_removed", 0))
     if reason:
@@ -241,7 +252,7 @@ def check_en(record: dict, cfg: EnRules, common: CommonRules) -> Optional[str]:
         return reason
     if cfg.min_lid_score is not None and record["meta"]["lm2"].get("lang_score", 1.0) < cfg.min_lid_score:
         return "lid.low_score"
-    return _repetition(doc, cfg, lowercase=True)
+    return _repetition(doc, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,12 +272,12 @@ def check_zh(record: dict, cfg: ZhRules, common: CommonRules, monolingual: bool 
     if cfg.max_avg_token_length is not None and mean > cfg.max_avg_token_length:
         return "fw2.avg_token_length"
     if cfg.max_non_alpha_tokens_ratio is not None:
-        if sum(1 for t in doc.tokens if not any(c.isalpha() for c in t)) / n > cfg.max_non_alpha_tokens_ratio:
+        if sum(map(str.isdigit, doc.tokens)) / n > cfg.max_non_alpha_tokens_ratio:
             return "fw2.non_alpha_tokens"
     if cfg.min_stop_words is not None:
         found = len(set(cfg.stop_words).intersection(text))
         if not monolingual:
-            found += len(set(en_stop_words).intersection(t.lower() for t in doc.tokens))
+            found += len(set(en_stop_words).intersection(doc.tokens))
         if found < cfg.min_stop_words:
             return "fw2.stop_words"
     if doc.lines:
@@ -296,7 +307,7 @@ def check_zh(record: dict, cfg: ZhRules, common: CommonRules, monolingual: bool 
         grams = [flat[i:i + 13] for i in range(0, max(0, len(flat) - 12))]
         if grams and (len(grams) - len(set(grams))) / len(grams) > cfg.cwt_max_13gram_rep:
             return "cwt.13gram_rep"
-    return _repetition(doc, cfg, lowercase=True)
+    return _repetition(doc, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,7 +319,7 @@ def check_code(record: dict, cfg: CodeRules) -> Optional[str]:
         return "code.too_short"
     if cfg.max_line_length is not None and max((len(ln) for ln in text.split("\n")), default=0) > cfg.max_line_length:
         return "code.long_lines"
-    if cfg.min_alpha_ratio is not None and sum(ch.isalpha() for ch in text) / max(1, len(text)) < cfg.min_alpha_ratio:
+    if cfg.min_alpha_ratio is not None and mixed.count_alpha(text) / max(1, len(text)) < cfg.min_alpha_ratio:
         return "code.low_alpha"
     bad = text.count("\ufffd") + record["meta"]["lm2"].get("control_removed", 0)
     if cfg.max_control_ratio is not None and bad / max(1, len(text)) > cfg.max_control_ratio:

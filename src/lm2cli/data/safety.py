@@ -110,7 +110,7 @@ class Safety:
             lines = max(1, sum(1 for ln in text.split("\n") if ln.strip()))
             if found and len(found) / lines > self.cfg.zh_max_hits_per_line:
                 return f"zh_blocklist:{self.zh_words[found[0]]}"
-        if self.toxic is not None:
+        if self.toxic is not None and record["lang"] in self.cfg.classifier_langs:
             score = self.toxic.score(text)
             record["meta"]["lm2"]["toxic_score"] = round(score, 4)
             if score >= self.cfg.toxic_threshold:
