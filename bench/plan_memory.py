@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -121,29 +122,30 @@ def run_rank(a: dict) -> dict:
     import deepspeed
 
     from lm2cli.config import ModelConfig, TrainConfig, load_recipe
-    from lm2cli.plan import Layout, ModelShape, deepspeed_config, recipe_vocab
+    from lm2cli.plan import ModelShape, deepspeed_config, recipe_vocab
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     recipe = load_recipe(a["recipe"])
     cfg = ModelConfig(**{**vars(recipe.model), "vocab_size": recipe_vocab(recipe)})
     shape = ModelShape.from_config(cfg)
-    layout = Layout(dp=a["world"], zero_stage=a["stage"], micro_batch=a["micro_batch"], grad_accum=a["grad_accum"])
+    layout = _layout(a["world"], a["stage"], a["micro_batch"], a["grad_accum"], shape)
     train = TrainConfig(seq_len=a["seq_len"], micro_batch_size=a["micro_batch"], grad_accum=a["grad_accum"],
                         precision=a["precision"])
-    ds_cfg = deepspeed_config(layout, train, bucket=min(shape.params, 500_000_000))
+    ds_cfg = deepspeed_config(layout, train)
     gc.collect()
     rss0 = _proc_status("VmRSS")
     _reset_peak_rss()
     # The profiler's memory events carry the running total of CPU tensor bytes allocated since it started:
     # its maximum is the CPU twin of torch.cuda.max_memory_allocated().
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                ) if a["profile"] else contextlib.nullcontext() as prof:
         engine, snaps, elapsed = _train(a, cfg, ds_cfg)
     peak = _proc_status("VmHWM")
     last = max(snaps[len(snaps) // 2:], key=lambda s: s["params"] + s["grads"] + s["optimizer"])
     return {"rank": engine.global_rank, "stage": a["stage"], "world": a["world"], **last,
-            "peak_allocated": _peak_allocated(prof), "peak_rss_delta": peak - rss0, "seconds": round(elapsed, 2),
-            "params_count": shape.params}
+            "peak_allocated": _peak_allocated(prof) if prof else None, "peak_rss_delta": peak - rss0,
+            "seconds": round(elapsed, 2), "params_count": shape.params}
 
 
 def _peak_allocated(prof) -> int:
@@ -189,6 +191,13 @@ def _train(a: dict, cfg, ds_cfg):
     return engine, snaps, time.perf_counter() - t0
 
 
+def _layout(world: int, stage: int, micro_batch: int, grad_accum: int, shape):
+    """The layout the planner would emit for this run (its buckets shrink to the model's size)."""
+    from lm2cli.plan import REDUCE_BUCKET, Layout
+
+    return Layout(world, stage, micro_batch, grad_accum, bucket=min(REDUCE_BUCKET, shape.params))
+
+
 def _worker() -> None:
     a = json.loads(os.environ["LM2_PLAN_BENCH"])
     res = run_rank(a)
@@ -201,10 +210,12 @@ def _worker() -> None:
 
 
 def launch(stage: int, world: int, recipe: str = "tiny", seq_len: int = 128, micro_batch: int = 2,
-           grad_accum: int = 1, steps: int = 3, precision: str = "fp32", timeout: float = 300) -> list[dict]:
-    """Run one (stage, world) measurement; one dict per rank."""
+           grad_accum: int = 1, steps: int = 3, precision: str = "fp32", timeout: float = 300,
+           profile: bool = True) -> list[dict]:
+    """Run one (stage, world) measurement; one dict per rank. `profile=False` skips the peak-allocation
+    profile (model states only, faster)."""
     args = dict(stage=stage, world=world, recipe=recipe, seq_len=seq_len, micro_batch=micro_batch,
-                grad_accum=grad_accum, steps=steps, precision=precision)
+                grad_accum=grad_accum, steps=steps, precision=precision, profile=profile)
     port = str(_free_port())
     procs = []
     for rank in range(world):
@@ -236,12 +247,12 @@ def compare(rank_result: dict, recipe: str = "tiny", seq_len: int = 128, micro_b
             grad_accum: int = 1, precision: str = "fp32") -> dict:
     """The planner's estimate for what one rank measured, and the ratios."""
     from lm2cli.config import load_recipe
-    from lm2cli.plan import Layout, Workload, ModelShape, memory, recipe_vocab
+    from lm2cli.plan import ModelShape, Workload, memory, recipe_vocab
 
     r = load_recipe(recipe)
     shape = ModelShape.from_config(r.model, recipe_vocab(r))
     work = Workload(shape, seq_len, seq_len * micro_batch * grad_accum * rank_result["world"], precision)
-    layout = Layout(rank_result["world"], rank_result["stage"], micro_batch, grad_accum)
+    layout = _layout(rank_result["world"], rank_result["stage"], micro_batch, grad_accum, shape)
     est = memory(work, layout, runtime_reserve=0.0)
     est_peak = est.total - est.fragmentation  # what allocations reach; fragmentation is allocator slack
     measured_states = rank_result["params"] + rank_result["grads"] + rank_result["optimizer"]
@@ -255,7 +266,7 @@ def compare(rank_result: dict, recipe: str = "tiny", seq_len: int = 128, micro_b
                      "tensors_at_step": rank_result["all_tensors"], "peak_allocated": rank_result["peak_allocated"],
                      "peak_rss_delta": rank_result["peak_rss_delta"]},
         "ratio_model_states": measured_states / est.model_states,
-        "ratio_peak_allocated": rank_result["peak_allocated"] / est_peak,
+        "ratio_peak_allocated": (rank_result["peak_allocated"] or 0) / est_peak,
         "seconds": rank_result["seconds"],
     }
 

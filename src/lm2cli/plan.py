@@ -282,6 +282,7 @@ class Layout:
     checkpointing: bool = False
     hpz: int = 1  # zero_hpz_partition_size: 1 = off, else GPUs per node (stage 3 only)
     tp: int = 1  # lm2's model has no tensor split
+    bucket: int = REDUCE_BUCKET  # reduce/allgather bucket (elements); the planner shrinks it to small models
 
     def tokens(self, seq_len: int) -> int:
         return self.dp * self.micro_batch * self.grad_accum * seq_len
@@ -391,11 +392,6 @@ def _persistent_params(shape: ModelShape) -> int:
     return sum(n for n in shape.tensors() if n <= PERSISTENCE_THRESHOLD)
 
 
-def _bucket(shape: ModelShape) -> int:
-    """Bucket size the emitted config uses: DeepSpeed's default, never larger than the model."""
-    return min(REDUCE_BUCKET, shape.params)
-
-
 def memory(work: Workload, layout: Layout, runtime_reserve: float = RUNTIME_RESERVE) -> Memory:
     """Per-GPU memory at the peak: the model states at their largest plus all a micro-batch allocates.
 
@@ -443,7 +439,7 @@ def _buffer_bytes(work: Workload, layout: Layout) -> float:
     shape, p, s = work.model, work.bytes_per_param, layout.zero_stage
     if layout.dp == 1 and s == 0:
         return 0.0
-    bucket = _bucket(shape)
+    bucket = layout.bucket
     if s == 0:
         return p * bucket
     if s == 1:
@@ -531,11 +527,12 @@ def layouts(work: Workload, cl: Cluster, zero_stages: Optional[Iterable[int]] = 
     stages = sorted(set(zero_stages)) if zero_stages is not None else [0, 1, 2, 3]
     hpzs = [1] + ([cl.gpus_per_node] if cl.gpus > cl.gpus_per_node > 1 else [])
     dp = cl.gpus  # tp = pp = 1
+    bucket = min(REDUCE_BUCKET, work.model.params)  # DeepSpeed's default, never larger than the model
     for mb, accum, why in _splits(work, dp):
         for stage in stages:
             for hpz in hpzs if stage == 3 else [1]:
                 for ckpt in (False, True):
-                    yield Layout(dp, stage, mb, accum, ckpt, hpz), why
+                    yield Layout(dp, stage, mb, accum, ckpt, hpz, bucket=bucket), why
 
 
 def enumerate_plan(work: Workload, cl: Cluster, zero_stages: Optional[Iterable[int]] = None) -> list[Candidate]:
@@ -615,17 +612,17 @@ def best_layout(recipe: Recipe, cl: Cluster, stage: int = 1, **kw) -> Candidate:
 # DeepSpeed config
 
 
-def deepspeed_config(layout: Layout, train: TrainConfig, bucket: int = REDUCE_BUCKET) -> dict:
+def deepspeed_config(layout: Layout, train: TrainConfig) -> dict:
     """The deepspeed 0.19.8 config for a layout. The optimizer is the caller's (a torch AdamW passed to
     `deepspeed.initialize`), hence `zero_allow_untested_optimizer`; activation checkpointing is the
-    model's own flag (`InternLM2.gradient_checkpointing`), not a DeepSpeed section."""
+    model's own flag (`InternLM2.gradient_checkpointing = layout.checkpointing`), not a DeepSpeed section."""
     zero: dict = {
         "stage": layout.zero_stage,
         "contiguous_gradients": True,
         "overlap_comm": layout.zero_stage >= 2,
         "reduce_scatter": True,
-        "reduce_bucket_size": int(bucket),
-        "allgather_bucket_size": int(bucket),
+        "reduce_bucket_size": int(layout.bucket),
+        "allgather_bucket_size": int(layout.bucket),
     }
     if layout.zero_stage == 3:
         zero.update(
@@ -648,16 +645,13 @@ def deepspeed_config(layout: Layout, train: TrainConfig, bucket: int = REDUCE_BU
     }
 
 
-def write_deepspeed_config(choice: Candidate | Layout, train: TrainConfig, path: str | Path,
-                           shape: Optional[ModelShape] = None) -> Path:
-    """Write the DeepSpeed JSON for a chosen layout (a `Candidate` from `best_layout`, or a `Layout`).
-    With `shape`, buckets shrink to the model's size, as the planner assumed."""
+def write_deepspeed_config(choice: Candidate | Layout, train: TrainConfig, path: str | Path) -> Path:
+    """Write the DeepSpeed JSON for a chosen layout (a `Candidate` from `best_layout`, or a `Layout`)."""
     layout = choice.layout if isinstance(choice, Candidate) else choice
-    cfg = deepspeed_config(layout, train, _bucket(shape) if shape else REDUCE_BUCKET)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(deepspeed_config(layout, train), indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
 
