@@ -207,3 +207,28 @@ def test_tokenize_command_uses_the_workspace_tokenizer(tmp_path, built):
     assert TokenStore(ws.tokens).tokenizer_fingerprint == built.fingerprint
     res = runner.invoke(app, ["tokenize", "--workdir", str(tmp_path / "empty")])
     assert isinstance(res.exception, InputError) and "lm2 prepare" in str(res.exception)
+
+
+def test_shard_assembly_copies_exact_ranges_with_or_without_kernel_copy(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "src").write_bytes(b"A" * 1000 + b"B" * 5000)
+    want = b"H" * 10 + b"B" * 4000 + b"A" * 3
+    with open(tmp_path / "fast", "wb") as f:
+        f.write(b"H" * 10)
+        TK._append_range(tmp_path / "src", 1000, 4000, f)
+        TK._append_range(tmp_path / "src", 0, 3, f)
+    assert (tmp_path / "fast").read_bytes() == want
+    if hasattr(os, "copy_file_range"):
+        real = os.copy_file_range
+
+        def fails_midway(src, dst, count, offset_src=None, *args):
+            real(src, dst, 7, offset_src)
+            raise OSError("cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", fails_midway)
+    with open(tmp_path / "slow", "wb") as f:
+        f.write(b"H" * 10)
+        TK._append_range(tmp_path / "src", 1000, 4000, f)
+        TK._append_range(tmp_path / "src", 0, 3, f)
+    assert (tmp_path / "slow").read_bytes() == want

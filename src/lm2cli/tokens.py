@@ -43,12 +43,15 @@ manifest, so `data/tokens/` is either the old complete set or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -81,7 +84,14 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 
 def split_name(record: dict) -> str:
-    return f"{_clean(record.get('lang'))}.{_clean(record.get('content_type'))}"
+    lang, ctype = record.get("lang"), record.get("content_type")
+    return _split_name(lang if isinstance(lang, str) else str(lang or ""),
+                       ctype if isinstance(ctype, str) else str(ctype or ""))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_name(lang, content_type) -> str:
+    return f"{_clean(lang)}.{_clean(content_type)}"
 
 
 def _clean(value) -> str:
@@ -246,9 +256,10 @@ def plan_chunks(files: list[Path], chunk_bytes: int) -> list[Chunk]:
     return chunks
 
 
-def default_chunk_bytes(total: int) -> int:
-    """Enough chunks to balance many workers, few enough that per-chunk overhead stays small."""
-    return int(min(64 << 20, max(1 << 20, total // 64)))
+def default_chunk_bytes(total: int, workers: int) -> int:
+    """~16 chunks per worker, so the last ones finish close together; not so small that per-chunk
+    overhead shows, not so large that a chunk's arrays crowd memory."""
+    return int(min(64 << 20, max(256 << 10, total // (16 * max(workers, 1)))))
 
 
 def _lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
@@ -274,8 +285,36 @@ def _init_worker(tokenizer_dir: str, settings: dict) -> None:
     _WORKER["settings"] = settings
 
 
+def _chunk_file(work: str | Path, chunk_id: str, ext: str) -> Path:
+    return Path(work) / "chunks" / f"{chunk_id}.{ext}"
+
+
+def _done_file(work: str | Path, chunk_id: str) -> Path:
+    return Path(work) / "chunks" / f"{chunk_id}.done.json"
+
+
 def _tokenize_chunk(chunk: Chunk, work: str) -> dict:
-    """Tokenize one chunk into `<work>/chunks/<id>/`; returns its counts (also saved as done.json)."""
+    """Tokenize one chunk into `<work>/chunks/<id>.tok` (ids) and `<id>.len` (document lengths), each
+    holding every (part, split) back to back; returns where each one is and its counts, also saved as
+    `<id>.done.json`, written last (a chunk without it is redone, overwriting its files)."""
+    # Records are acyclic, so reference counting frees them; the cyclic collector would only walk the
+    # heap (a forked worker's inherited one too) over and over.
+    with _gc_paused():
+        return _tokenize_chunk_records(chunk, work)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _tokenize_chunk_records(chunk: Chunk, work: str) -> dict:
     tok: Tokenizer = _WORKER["tok"]
     s = _WORKER["settings"]
     dtype = dtype_for(tok.vocab_size)
@@ -308,24 +347,26 @@ def _tokenize_chunk(chunk: Chunk, work: str) -> dict:
             n += 1
         lengths[key].append(n)
         text_bytes[key] += len(text.encode("utf-8", "replace"))
-    out = Path(work) / "chunks" / chunk.id
-    tmp = out.with_name(f"{chunk.id}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     splits: dict[str, dict] = defaultdict(dict)
-    for (part, split), arrays in pieces.items():
-        ids = np.concatenate(arrays)
-        if ids.size and int(ids.max()) >= tok.vocab_size:  # cheap next to BPE; guards the dtype cast
-            raise Lm2Error(f"chunk {chunk.id}: id {int(ids.max())} outside the vocabulary ({tok.vocab_size})")
-        (tmp / part).mkdir(parents=True, exist_ok=True)
-        ids.astype(dtype).tofile(tmp / part / f"{split}.tok")
-        np.asarray(lengths[(part, split)], dtype="<i8").tofile(tmp / part / f"{split}.len")
-        splits[part][split] = {"tokens": int(ids.size), "docs": len(lengths[(part, split)]),
-                               "text_bytes": int(text_bytes[(part, split)])}
+    keys = sorted(pieces)
+    ids = np.concatenate([a for k in keys for a in pieces[k]]) if keys else np.zeros(0, dtype=np.uint32)
+    if ids.size and int(ids.max()) >= tok.vocab_size:  # cheap next to BPE; guards the dtype cast
+        raise Lm2Error(f"chunk {chunk.id}: id {int(ids.max())} outside the vocabulary ({tok.vocab_size})")
+    ids.astype(dtype).tofile(_chunk_file(work, chunk.id, "tok"))
+    np.asarray([n for k in keys for n in lengths[k]], dtype="<i8").tofile(_chunk_file(work, chunk.id, "len"))
+    tok_at = doc_at = 0
+    for part, split in keys:
+        n_tok, n_doc = sum(lengths[(part, split)]), len(lengths[(part, split)])
+        splits[part][split] = {"tokens": n_tok, "docs": n_doc, "text_bytes": int(text_bytes[(part, split)]),
+                               "token_offset": tok_at, "doc_offset": doc_at}
+        tok_at, doc_at = tok_at + n_tok, doc_at + n_doc
     result = {"id": chunk.id, "bytes": chunk.end - chunk.start, "splits": splits, "rejected": rejected}
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "done.json").write_text(json.dumps(result))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    # Written last, by rename; no fsync: resuming guards against a killed process, whose written pages
+    # the kernel still holds (an fsync per chunk stalls every worker on a busy disk).
+    marker = _done_file(work, chunk.id)
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, marker)
     return result
 
 
@@ -390,11 +431,11 @@ def tokenize_dir(
         shutil.rmtree(work, ignore_errors=True)
         (work / "chunks").mkdir(parents=True)
         tok.save(work / TOKENIZER_DIR)
-        job_file.write_text(json.dumps({"key": job_key, "chunk_bytes": chunk_bytes or default_chunk_bytes(total), **job}))
+        chunk_bytes = chunk_bytes or default_chunk_bytes(total, workers)
+        job_file.write_text(json.dumps({"key": job_key, "chunk_bytes": chunk_bytes, **job}))
     chunk_bytes = json.loads(job_file.read_text())["chunk_bytes"]
     chunks = plan_chunks(files, chunk_bytes)
-    done = {c.id: json.loads((work / "chunks" / c.id / "done.json").read_text())
-            for c in chunks if (work / "chunks" / c.id / "done.json").exists()}
+    done = {c.id: json.loads(_done_file(work, c.id).read_text()) for c in chunks if _done_file(work, c.id).exists()}
     todo = [c for c in chunks if c.id not in done]
     workers = max(1, min(workers, len(todo) or 1))
     if done:
@@ -402,10 +443,14 @@ def tokenize_dir(
     log(f"tokenize: {len(files)} shards ({total / 1e6:.1f} MB) -> {out} with {tok.name} (vocab {tok.vocab_size}, "
         f"{dtype.name}), {workers} worker{'s' if workers > 1 else ''}")
     t0 = time.perf_counter()
-    with progress("tokenize", total=sum(c.end - c.start for c in todo)) as task:
-        for result in _run_chunks(todo, work, settings, workers, tok):
+    n_tokens = sum(_count(r) for r in done.values())
+    mb = round(sum(c.end - c.start for c in todo) / 1e6, 1)
+    # workers first: they fork before the progress bar starts its thread
+    with _chunk_results(todo, work, settings, workers, tok) as results, progress("tokenize MB", total=mb) as task:
+        for result in results:
             done[result["id"]] = result
-            task.advance(result["bytes"], info=f"{sum(_count(r) for r in done.values()):,} tokens")
+            n_tokens += _count(result)
+            task.advance(result["bytes"] / 1e6, info=f"{n_tokens:,} tokens")
     seconds_tok = time.perf_counter() - t0
     with staging_dir(out) as tmp:
         splits = _assemble([done[c.id] for c in chunks], work, tmp, tok.vocab_size, dtype)
@@ -431,25 +476,36 @@ def _count(result: dict) -> int:
     return sum(v["tokens"] for part in result["splits"].values() for v in part.values())
 
 
-def _run_chunks(todo: list[Chunk], work: Path, settings: dict, workers: int, tok: Tokenizer) -> Iterator[dict]:
-    if not todo:
-        return
-    if workers == 1:
-        _WORKER.update(tok=tok, settings=settings)
-        for chunk in todo:
-            yield _tokenize_chunk(chunk, str(work))
+@contextlib.contextmanager
+def _chunk_results(todo: list[Chunk], work: Path, settings: dict, workers: int, tok: Tokenizer
+                   ) -> Iterator[Iterator[dict]]:
+    """Start the workers (before any progress thread exists: forked children must not inherit a
+    thread's locks) and yield an iterator over finished chunks' results, in completion order."""
+    _WORKER.update(tok=tok, settings=settings)
+    if workers == 1 or not todo:
+        yield (_tokenize_chunk(c, str(work)) for c in todo)
         return
     import multiprocessing as mp
 
-    # spawn, not fork: the parent may hold Rich's render thread and its locks.
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(str(work / TOKENIZER_DIR), settings)) as pool:
-        pending = {pool.submit(_tokenize_chunk, c, str(work)) for c in todo}
-        try:
+    if sys.platform.startswith("linux"):  # fork: children inherit the loaded tokenizer, no start-up cost
+        gc.freeze()  # inherited objects stay out of the children's collections (and their pages shared)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    else:  # fork is unsafe on macOS: spawn and load the saved tokenizer in each worker
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(str(work / TOKENIZER_DIR), settings))
+    with pool:
+        pending = {pool.submit(_tokenize_chunk, c, str(work)) for c in todo}  # forks the workers
+        gc.unfreeze()
+
+        def completed() -> Iterator[dict]:
+            nonlocal pending
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     yield fut.result()
+
+        try:
+            yield completed()
         except BaseException:
             for fut in pending:
                 fut.cancel()
@@ -464,8 +520,7 @@ def _assemble(results: list[dict], work: Path, out: Path, vocab_size: int, dtype
         for name in names:
             have = [r for r in results if name in r["splits"].get(part, {})]
             n_tok = sum(r["splits"][part][name]["tokens"] for r in have)
-            lens = np.concatenate([np.fromfile(work / "chunks" / r["id"] / part / f"{name}.len", dtype="<i8")
-                                   for r in have])
+            lens = np.concatenate([_read_lengths(work, r["id"], r["splits"][part][name]) for r in have])
             starts = np.zeros(len(lens) + 1, dtype="<i8")
             np.cumsum(lens, out=starts[1:])
             assert starts[-1] == n_tok
@@ -473,14 +528,50 @@ def _assemble(results: list[dict], work: Path, out: Path, vocab_size: int, dtype
             with open(out / part / f"{name}.bin", "wb") as f:
                 f.write(make_header(MAGIC_BIN, n_tok, dtype.itemsize, vocab_size, len(lens)))
                 for r in have:
-                    with open(work / "chunks" / r["id"] / part / f"{name}.tok", "rb") as src:
-                        shutil.copyfileobj(src, f, 16 << 20)
+                    at = r["splits"][part][name]
+                    _append_range(_chunk_file(work, r["id"], "tok"), at["token_offset"] * dtype.itemsize,
+                                  at["tokens"] * dtype.itemsize, f)
             with open(out / part / f"{name}.idx", "wb") as f:
                 f.write(make_header(MAGIC_IDX, len(starts), 8, vocab_size, len(lens)))
                 f.write(starts.tobytes())
-            splits[part][name] = {"tokens": n_tok, "docs": len(lens),
+            splits[part][name] = {"tokens": int(n_tok), "docs": len(lens),
                                   "text_bytes": sum(r["splits"][part][name]["text_bytes"] for r in have)}
     return splits
+
+
+def _read_lengths(work: Path, chunk_id: str, at: dict) -> np.ndarray:
+    return np.fromfile(_chunk_file(work, chunk_id, "len"), dtype="<i8", count=at["docs"], offset=at["doc_offset"] * 8)
+
+
+def _append_range(src: Path, offset: int, size: int, dst) -> None:
+    """Append `size` bytes of `src` from `offset` to the open file `dst`, in the kernel where it can
+    (copy_file_range, Linux), else through user space."""
+    dst.flush()
+    start = dst.seek(0, os.SEEK_END)
+    with open(src, "rb") as f:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < size:
+                    n = os.copy_file_range(f.fileno(), dst.fileno(), size - done, offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:  # e.g. across file systems on older kernels
+                pass
+            if done == size:
+                dst.seek(0, os.SEEK_END)
+                return
+            dst.seek(start)  # drop a partial kernel copy, then copy in user space
+            dst.truncate()
+        f.seek(offset)
+        left = size
+        while left:
+            block = f.read(min(left, 16 << 20))
+            if not block:
+                raise Lm2Error(f"{src} is shorter than its chunk record says; rerun with --force")
+            dst.write(block)
+            left -= len(block)
 
 
 def _stats(splits: dict, rejected: list[dict], total_bytes: int, seconds: float, workers: int) -> dict:
