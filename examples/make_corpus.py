@@ -20,7 +20,7 @@ depends only on the seed and the Python version (the stdlib text), and exercises
                an unsupported file type
 
 `planted.json` lists every planted group by `doc_key` (a meta field) with its measured Jaccard and the
-copy the keep rule must keep. `labels/{ad,fluency,toxic}.jsonl` train the quality/safety classifiers.
+copies the keep rule may keep (`newest`: newest cc_dump, else the lowest content id). `labels/{ad,fluency,toxic}.jsonl` train the quality/safety classifiers.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from lm2cli import synthetic as S  # noqa: E402
 from lm2cli.data.dedup import jaccard  # noqa: E402
+from lm2cli.data.standardize import content_id, normalize_text  # noqa: E402
 
 SEED = 20240326
 OUT = HERE / "corpus"
@@ -491,8 +492,10 @@ def build(out: Path = OUT, seed: int = SEED) -> dict:
         variant = "\n".join(line.replace("    ", "\t") for line in src["text"].split("\n")) + "\n\n"
         k = key("code-ws")
         code_recs.append({**src, "text": variant, "doc_key": k})
+        # No cc_dump/date: the keep rule falls back to the lowest content id.
+        ids = {src["doc_key"]: content_id(normalize_text(src["text"])[0]), k: content_id(normalize_text(variant)[0])}
         planted.append({"kind": "exact", "lang": "code", "keys": [src["doc_key"], k], "jaccard": 1.0,
-                        "newest": [src["doc_key"]]})
+                        "newest": [min(ids, key=ids.get)]})
     write(out / "code" / "stdlib_code.jsonl.gz", _jsonl(code_recs))
 
     # --- mixed and other languages

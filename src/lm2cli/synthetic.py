@@ -292,14 +292,10 @@ def zh_paragraph(rng: random.Random, topic: Optional[str] = None, sentences=(3, 
                  _pool: Optional[list] = None, _vocab: Optional[dict] = None) -> str:
     topic = topic or rng.choice(TOPICS)
     vocab = _vocab or _ZH_TOPICS[topic]
+    # A document shares one pool, so no template repeats inside it; a lone paragraph gets its own.
     pool = _pool if _pool is not None else rng.sample(_zh_templates(topic), len(_zh_templates(topic)))
     n = rng.randint(*sentences)
-    out = []
-    for _ in range(n):
-        if not pool:
-            pool.extend(rng.sample(_zh_templates(topic), len(_zh_templates(topic))))
-        out.append(_fill(rng, pool.pop(), vocab))
-    return "".join(out)
+    return "".join(_fill(rng, pool.pop(), vocab) for _ in range(min(n, len(pool))))
 
 
 def zh_document(rng: random.Random, topic: Optional[str] = None, paragraphs=(3, 6), title: bool = True) -> str:
@@ -308,6 +304,7 @@ def zh_document(rng: random.Random, topic: Optional[str] = None, paragraphs=(3, 
     vocab = _focused(rng, _ZH_TOPICS[topic])
     pool = rng.sample(_zh_templates(topic), len(_zh_templates(topic)))
     paras = [zh_paragraph(rng, topic, _pool=pool, _vocab=vocab) for _ in range(rng.randint(*paragraphs))]
+    paras = [p for p in paras if p]
     if title:
         paras.insert(0, _fill(rng, rng.choice(_ZH_TITLES), dict(vocab, S=vocab["S"][:1])))
     return "\n".join(paras)
@@ -413,12 +410,8 @@ def en_paragraph(rng: random.Random, topic: Optional[str] = None, sentences=(3, 
     topic = topic or rng.choice(TOPICS)
     vocab = _vocab or _EN_TOPICS[topic]
     pool = _pool if _pool is not None else rng.sample(_EN_GENERAL, len(_EN_GENERAL))
-    out = []
-    for _ in range(rng.randint(*sentences)):
-        if not pool:
-            pool.extend(rng.sample(_EN_GENERAL, len(_EN_GENERAL)))
-        out.append(_en_fill(rng, pool.pop(), vocab))
-    return " ".join(out)
+    n = rng.randint(*sentences)
+    return " ".join(_en_fill(rng, pool.pop(), vocab) for _ in range(min(n, len(pool))))
 
 
 def en_document(rng: random.Random, topic: Optional[str] = None, paragraphs=(3, 6), title: bool = True) -> str:
@@ -426,6 +419,7 @@ def en_document(rng: random.Random, topic: Optional[str] = None, paragraphs=(3, 
     vocab = _focused(rng, _EN_TOPICS[topic])
     pool = rng.sample(_EN_GENERAL, len(_EN_GENERAL))
     paras = [en_paragraph(rng, topic, _pool=pool, _vocab=vocab) for _ in range(rng.randint(*paragraphs))]
+    paras = [p for p in paras if p]
     if title:
         paras.insert(0, _en_fill(rng, rng.choice(_EN_TITLES), dict(vocab, S=vocab["S"][:1])))
     return "\n\n".join(paras)

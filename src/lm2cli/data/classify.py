@@ -16,11 +16,11 @@ import pycld2
 
 from . import mixed
 
-_CODE_LINE = re.compile(
-    r"^\s*(def |class |import |from \S+ import |#include|#define |public |private |protected |static |"
-    r"function\b|var |let |const |return\b|if \(|for \(|while \(|}|{|fn |func |package |using |namespace |@\w+)"
+_STRONG = re.compile(
+    r"^\s*(def |class |import \w|from [\w.]+ import |#include|#define |return\b|public |private |protected |"
+    r"function\b|const |let |var |package |fn |func |using |namespace |elif |except\b|try:|raise |yield )"
 )
-_CODE_END = re.compile(r"[;{}):,\]]\s*$")
+_SYNTAX = re.compile(r"([;{}(,\[]\s*$|^\s*[}\])]|^\s*@\w|^\s*[A-Za-z_][\w.\[\]'\"]*\s*[-+*/|&]?=\s*\S)")
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 MIXED_SHARE = (0.25, 0.75)  # CJK share of mixed tokens that makes a document bilingual
@@ -31,12 +31,20 @@ LID_MAX_CHARS = 100_000
 
 
 def code_score(text: str) -> float:
-    """Share of non-empty lines that look like source code."""
+    """Share of non-empty lines with code syntax (keywords, assignments, brackets), 0 for short texts.
+
+    Docstrings and comments dilute it, so a handful of keyword lines in an indented body also counts.
+    """
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if len(lines) < 3:
         return 0.0
-    hits = sum(1 for ln in lines if _CODE_LINE.match(ln) or _CODE_END.search(ln))
-    return hits / len(lines)
+    strong = sum(1 for ln in lines if _STRONG.match(ln))
+    syntax = sum(1 for ln in lines if _SYNTAX.search(ln))
+    indented = sum(1 for ln in lines if ln.startswith(("    ", "\t")))
+    score = (strong + syntax) / len(lines)
+    if strong >= 3 and strong / len(lines) >= 0.05 and indented / len(lines) >= 0.2:
+        score = max(score, 0.6)
+    return min(1.0, score)
 
 
 def detect_lid(text: str) -> tuple[str, float, bool]:
