@@ -46,6 +46,7 @@ class Unit:
     size: int
     start: int = 0
     end: int = -1
+    lines_before: int = 0  # newlines in [0, start): a range reports true line numbers without rescanning
 
     @property
     def key(self) -> str:
@@ -98,8 +99,9 @@ def plan_units(files: list[Path], task_bytes: int) -> list[Unit]:
         size = f.stat().st_size
         comp, fmt = split_name(f)
         if fmt == "jsonl" and comp is None and size > task_bytes and not _is_json_array(f):
-            for start in range(0, size, task_bytes):
-                units.append(Unit(str(f), size, start, min(size, start + task_bytes)))
+            starts = list(range(0, size, task_bytes))
+            for start, lines in zip(starts, _newlines_at(f, starts)):
+                units.append(Unit(str(f), size, start, min(size, start + task_bytes), lines))
         else:
             units.append(Unit(str(f), size))
     return units
@@ -178,17 +180,38 @@ def _is_json_array(path: Path) -> bool:
     return head.startswith(b"[")
 
 
-def _line_at(path: str, offset: int) -> int:
-    """Number of newlines before `offset` (so a range reports true line numbers)."""
-    n, pos = 0, 0
+def _newlines_at(path: Path, offsets: list[int]) -> list[int]:
+    """Newline counts in [0, offset) for each sorted offset, in one pass over the file."""
+    out, n, pos = [], 0, 0
     with open(path, "rb") as f:
-        while pos < offset:
-            block = f.read(min(1 << 22, offset - pos))
-            if not block:
-                break
-            n += block.count(b"\n")
-            pos += len(block)
-    return n
+        for off in offsets:
+            while pos < off:
+                block = f.read(min(1 << 22, off - pos))
+                if not block:
+                    break
+                n += block.count(b"\n")
+                pos += len(block)
+            out.append(n)
+    return out
+
+
+def _skip_partial_line(fh, unit: Unit) -> tuple[int, int]:
+    """Move to the first line that starts inside the range; return (position, lines before it).
+
+    Reads at most to the end of the range: a line that starts before it belongs to the previous range.
+    """
+    fh.seek(unit.start - 1)
+    if fh.read(1) == b"\n":
+        return unit.start, unit.lines_before
+    pos = unit.start
+    while pos < unit.end:
+        chunk = fh.readline(1 << 20)
+        if not chunk:
+            break
+        pos += len(chunk)
+        if chunk.endswith(b"\n"):
+            return pos, unit.lines_before + 1
+    return pos, unit.lines_before
 
 
 def _read_jsonl(fh, unit: Unit, ctype: str, max_bytes: int) -> Iterator[dict]:
@@ -200,10 +223,7 @@ def _read_jsonl(fh, unit: Unit, ctype: str, max_bytes: int) -> Iterator[dict]:
     lineno = 0
     pos = 0
     if unit.end >= 0 and unit.start > 0:
-        fh.seek(unit.start - 1)
-        skipped = fh.readline()  # the line that started before this range belongs to the previous range
-        pos = unit.start - 1 + len(skipped)
-        lineno = _line_at(unit.path, pos)
+        pos, lineno = _skip_partial_line(fh, unit)
     seen_any = False
     while unit.end < 0 or pos < unit.end:
         line = fh.readline(max_bytes + 1)
