@@ -40,23 +40,29 @@ def built(corpus):
 
 
 def _examples_sample(limit=200):
-    """Texts from the bundled examples corpus, when it exists (another issue writes it)."""
+    """Texts from the bundled examples corpus (raw files of every kind, .gz included), when present."""
+    import gzip
+
     root = Path(__file__).resolve().parents[1] / "examples" / "corpus"
     if not root.is_dir():
         return []
     texts = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        raw = path.read_bytes()[: 1 << 20]
-        if path.suffix == ".jsonl":
-            for line in raw.decode("utf-8", "replace").splitlines():
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".zst"):
+        try:
+            raw = (gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())[: 1 << 20]
+        except (OSError, EOFError):  # a deliberately truncated archive
+            continue
+        text = raw.decode("utf-8", "replace")
+        if ".jsonl" in path.name:
+            for line in text.splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                     texts.append(rec["text"])
-        elif path.suffix not in (".gz", ".zst"):
-            texts.append(raw.decode("utf-8", "replace"))
+        else:
+            texts.append(text)
     return texts[:: max(1, len(texts) // limit)][:limit]
 
 
