@@ -100,22 +100,21 @@ def _check_same_tokenizer(source: Path, tok) -> None:
 def run_pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default", resume: str = "auto",
                  nproc: int = 1, from_: Optional[Path] = None, plan: bool = False, json_out: bool = False) -> Path:
     """Train one pretraining stage into runs/<run>/pretrain-stage<N>/; returns that folder."""
-    from .train.engine import init_distributed, launched, relaunch
-
     if stage not in STAGE_NAMES:
         raise InputError(f"--stage must be 1, 2 or 3, got {stage}")
     kind = STAGE_NAMES[stage]
     stage_dir = ws.stage_dir(kind, run)
-    if nproc > 1 and not launched():
-        return _relaunch(ws, recipe, stage, run, resume, nproc, from_, plan, json_out, relaunch)
-
-    from .tokens import TokenStore
-    from .train.data import PackedStream
-    from .train.loop import fit
-
     if not (ws.tokens / MANIFEST).exists():
         raise InputError(f"no token shards at {ws.tokens}; run `lm2 tokenize` first")
     source = source_checkpoint(ws, run, stage, from_)
+
+    from .tokens import TokenStore
+    from .train.data import PackedStream
+    from .train.engine import init_distributed, launched, relaunch
+    from .train.loop import fit
+
+    if nproc > 1 and not launched():
+        return _relaunch(ws, recipe, stage, run, resume, nproc, from_, plan, json_out, relaunch)
     cfg = stage_config(recipe, stage)
     dist = init_distributed()
     ds_config = None

@@ -27,6 +27,15 @@ def _tokenize(ws: Workspace, recipe) -> Path:
     return run_tokenize(ws, recipe)
 
 
+def _pretrain(stage: int):
+    def step(ws: Workspace, recipe) -> Path:
+        from .pretrain import run_pretrain
+
+        return run_pretrain(ws, recipe, stage)
+
+    return step
+
+
 def _prepare(ws, recipe):
     """Train the bundled ad/fluency/toxic classifiers, then run `lm2 prepare` on the examples corpus."""
     from .config import examples_dir
@@ -43,6 +52,7 @@ def _steps():
     """(name, function(ws, recipe) -> artefact path) for each landed stage, in pipeline order."""
     steps = [("prepare", _prepare)]
     steps += [("build-vocab", _build_vocab), ("tokenize", _tokenize)]
+    steps += [(f"pretrain-stage{n}", _pretrain(n)) for n in (1, 2, 3)]
     return steps
 
 

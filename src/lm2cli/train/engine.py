@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import signal
@@ -110,8 +111,8 @@ def relaunch(nproc: int, cli_args: list[str]) -> int:
     """Run `lm2 <cli_args>` as `nproc` local ranks through torch.distributed.run; returns its exit code.
     SIGTERM/SIGINT are passed on, so the ranks save a checkpoint and stop cleanly."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "lm2cli.cli", *cli_args]
-    proc = subprocess.Popen(cmd, env=clean_env())
+           "-m", "lm2cli.train.rank"]
+    proc = subprocess.Popen(cmd, env={**clean_env(), "LM2_RANK_ARGV": json.dumps(cli_args)})
     forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
