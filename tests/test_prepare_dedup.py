@@ -1,0 +1,200 @@
+"""MinHash-LSH dedup: measured zh/en pairs, the keep rule, datasketch parity, and the Redis-backed index."""
+
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+
+from lm2cli import synthetic as S
+from lm2cli.config import DedupConfig
+from lm2cli.data import dedup
+from lm2cli.data.standardize import content_id
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import make_corpus  # noqa: E402
+
+CFG = DedupConfig()
+
+
+def _pairs(lang: str, seed: int):
+    """(base, near copy J>=0.8, below copy J~0.3-0.5) triples, Jaccard measured on lm2's shingles."""
+    rng = random.Random(seed)
+    gen = S.zh_document if lang == "zh" else S.en_document
+    out = []
+    for _ in range(12):
+        base = gen(rng, paragraphs=(5, 6))
+        near, j_near = make_corpus.near_copy(rng, base, lang, 0.8, 0.95)
+        below, j_below = make_corpus.below_copy(rng, base, lang)
+        assert j_near >= 0.8 and j_below <= 0.55
+        out.append((base, near, below))
+    return out
+
+
+def _run(texts: list[str], cfg: DedupConfig = CFG, meta: list[dict] | None = None):
+    signer = dedup.Signer(cfg)
+    sigs, entries = [], []
+    for i, t in enumerate(texts):
+        sig = signer.signature(t)
+        row = -1
+        if sig is not None:
+            row = len(sigs)
+            sigs.append(sig)
+        m = meta[i] if meta else {}
+        entries.append(dedup.Entry(i, content_id(t), dedup.exact_key(t, m.get("lang", "en")), dedup.recency_of(m), row))
+    drops, kept = dedup.find_duplicates(entries, np.stack(sigs), cfg)
+    return drops, kept, entries
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_near_and_exact_copies_collapse_and_pairs_below_threshold_survive(lang):
+    triples = _pairs(lang, seed=3 if lang == "zh" else 4)
+    texts = []
+    for base, near, below in triples:
+        texts += [base, near, below, base]  # the base twice: an exact copy
+    drops, kept, _ = _run(texts)
+    for k in range(len(triples)):
+        b, n, w, x = 4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3
+        assert drops[x]["reason"] == "exact_duplicate"
+        # base and near copy: exactly one survives; the below-threshold copy always survives
+        assert (b in drops) + (n in drops) == 1, k
+        assert w not in drops
+        gone = b if b in drops else n
+        assert drops[gone]["reason"] == "near_duplicate"
+        assert drops[gone]["dup_cluster_size"] == 2
+
+
+def test_keep_rule_newest_dump_then_lowest_id():
+    rng = random.Random(5)
+    base = S.en_document(rng, paragraphs=(5, 6))
+    near, _ = make_corpus.near_copy(rng, base, "en", 0.85, 0.95)
+    metas = [{"cc_dump": "CC-MAIN-2021-04"}, {"cc_dump": "CC-MAIN-2024-10"}]
+    drops, kept, entries = _run([base, near], meta=metas)
+    assert list(drops) == [0] and drops[0]["dup_of"] == entries[1].id  # the newer dump wins
+    drops, _, entries = _run([base, near], meta=[{"date": "2024-05-01"}, {"date": "2023-01-01"}])
+    assert list(drops) == [1]
+    drops, _, entries = _run([base, near])  # no recency: lowest id wins
+    loser = max(range(2), key=lambda i: entries[i].id)
+    assert list(drops) == [loser]
+
+
+def test_code_is_compared_whitespace_insensitively():
+    code = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n" * 3
+    variant = code.replace("    ", "\t") + "\n\n"
+    drops, _, _ = _run([code, variant], meta=[{"lang": "code"}, {"lang": "code"}])
+    assert [d["reason"] for d in drops.values()] == ["exact_duplicate"]
+
+
+def test_signatures_are_datasketch_minhashes_of_the_shingle_hashes():
+    text = S.zh_document(random.Random(6))
+    hv = dedup.shingle_hashes(text, 5)
+    ref = MinHash(num_perm=128, seed=1, scheme="affine32", hashfunc=int)
+    ref.update_batch(hv.tolist())
+    assert np.array_equal(dedup.Signer(CFG).signature(text), ref.hashvalues)
+    # the hash set has exactly one entry per distinct shingle string
+    assert len(hv) == len(dedup.shingles(text, 5))
+
+
+def test_signature_jaccard_tracks_exact_jaccard():
+    rng = random.Random(7)
+    signer = dedup.Signer(CFG)
+    for lang in ("zh", "en"):
+        for base, near, below in _pairs(lang, 8)[:4]:
+            for other in (near, below):
+                exact = dedup.jaccard(base, other)
+                est = signer.lean(signer.signature(base)).jaccard(signer.lean(signer.signature(other)))
+                assert abs(est - exact) < 0.15, (lang, exact, est)
+    sha = replace(CFG, hashfunc="sha1")
+    t = S.en_document(rng)
+    assert dedup.Signer(sha).signature(t).shape == (128,)
+
+
+def test_documents_without_shingles_are_kept():
+    drops, kept, entries = _run(["short", "short", S.en_document(random.Random(1))])
+    assert drops == {1: {"reason": "exact_duplicate", "dup_of": entries[0].id, "dup_cluster_id": drops[1]["dup_cluster_id"],
+                         "dup_cluster_size": 2}}
+    assert entries[0].sig_row == -1
+
+
+def test_bands_and_rows_are_explicit():
+    assert dedup.s_curve(16, 8)["0.7"] == pytest.approx(1 - (1 - 0.7 ** 8) ** 16, abs=1e-4)
+    with pytest.raises(Exception):
+        DedupConfig(bands=16, rows=9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Redis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH (`make test` installs it: apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.terminate()
+        pytest.fail("redis-server did not start")
+    yield port, client
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_redis_backend_matches_memory_and_cleans_up(redis_server):
+    port, client = redis_server
+    triples = _pairs("zh", 9)[:6] + _pairs("en", 10)[:6]
+    texts = [t for triple in triples for t in triple]
+    mem_drops, _, _ = _run(texts)
+    cfg = replace(CFG, storage="redis", redis_host="127.0.0.1", redis_port=port)
+    red_drops, _, _ = _run(texts, cfg)
+    assert red_drops == mem_drops
+    assert len(mem_drops) == len(triples)
+    assert client.dbsize() == 0  # the index's keys are removed after the run
+
+
+def test_pipeline_with_redis_storage(redis_server, tmp_path):
+    import json
+
+    from lm2cli.config import load_recipe
+    from lm2cli.data.pipeline import iter_kept, run_prepare
+    from lm2cli.layout import Workspace
+
+    port, client = redis_server
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    lines = [t for triple in _pairs("en", 11)[:5] for t in triple]
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    redis_cfg = load_recipe("tiny", ["prepare.dedup.storage=redis", f"prepare.dedup.redis_port={port}",
+                                     "prepare.dedup.redis_host=127.0.0.1"]).prepare
+    stats = run_prepare([corpus], Workspace.at(tmp_path / "redis"), redis_cfg)
+    mem = run_prepare([corpus], Workspace.at(tmp_path / "mem"), load_recipe("tiny").prepare)
+    assert stats["dedup"]["storage"] == "redis"
+    assert stats["stages"]["dedup"]["reasons"] == mem["stages"]["dedup"]["reasons"]
+    assert stats["stages"]["dedup"]["reasons"].get("near_duplicate", 0) >= 3
+    ids = lambda ws: sorted(r["id"] for r in iter_kept(tmp_path / ws / "data" / "prepared"))  # noqa: E731
+    assert ids("redis") == ids("mem")
+    assert client.dbsize() == 0
