@@ -2,13 +2,17 @@
 
 For each ZeRO stage in {0, 2, 3} and world size in {1, 2}, start that many ranks (gloo; RANK/WORLD_SIZE
 env, no MPI), build the InternLM2 model of a recipe, run a few DeepSpeed training steps with a torch
-AdamW, and measure on every rank, at the optimizer step (where model states peak):
-- model states: the bytes of every live tensor storage, split into parameters (incl. ZeRO-3 shards and
-  persistent tensors), gradients (param.grad, DeepSpeed's flat/partitioned gradient buffers, master
-  .grad) and optimizer state (Adam m, v and fp32 master copies), each storage counted once;
-- the process's peak RSS over the run minus its RSS before the model was built (allocator slack,
-  activations and DeepSpeed's buffers included; reported, not gated).
-Prints the planner's estimate beside each and the ratio; exits 1 if a model-state ratio leaves ±15 %.
+AdamW, and measure on every rank:
+- model states, after each backward and at the optimizer step (their peak): the bytes of every live
+  tensor storage, split into parameters (incl. ZeRO-3 shards), gradients (param.grad, DeepSpeed's
+  flat/partitioned gradient buffers, the master's .grad) and optimizer state (Adam m, v and the fp32
+  master copies), each storage counted once — gated at ±15 % of the planner's estimate;
+- peak allocated: the most CPU tensor bytes alive at once over the run (torch profiler memory events,
+  the CPU twin of torch.cuda.max_memory_allocated), against the planner's total less its fragmentation
+  headroom and runtime reserve — reported;
+- peak RSS Δ: the process's high-water mark over its RSS before the model was built (adds DeepSpeed and
+  gloo start-up, ~100-150 MB, and allocator slack) — reported.
+Exits 1 if a model-state ratio leaves ±15 %.
 
     python bench/plan_memory.py                    # tiny recipe, stages 0 2 3, worlds 1 2
     python bench/plan_memory.py --stages 0 3 --worlds 2 --json
@@ -318,9 +322,11 @@ def main(argv=None) -> int:
     else:
         print(f"recipe {a.recipe}, seq {a.seq_len}, micro batch {a.micro_batch}, {a.precision}, deepspeed on CPU (gloo)")
         print(_table(rows))
-    bad = [r for r in rows if max(abs(r["ratio_model_states"] - 1), abs(r["ratio_peak_allocated"] - 1)) > TOLERANCE]
+    # The gate is model states, what the planner sizes exactly; the peak also depends on when gloo's
+    # temporary buffers meet the logits, which varies from run to run, so it is reported, not gated.
+    bad = [r for r in rows if abs(r["ratio_model_states"] - 1) > TOLERANCE]
     if bad:
-        print(f"memory outside ±{TOLERANCE:.0%} of the estimate for: " + ", ".join(
+        print(f"model states outside ±{TOLERANCE:.0%} of the estimate for: " + ", ".join(
             f"ZeRO-{r['stage']} world {r['world']} rank {r['rank']}" for r in bad), file=sys.stderr)
     return 1 if bad else 0
 

@@ -20,8 +20,8 @@ Memory per GPU follows what deepspeed 0.19.8 allocates, not only the textbook 16
   `stage3_param_persistence_threshold`, which stay gathered through forward and backward), a runtime reserve (CUDA context, NCCL), and
   a fragmentation headroom on everything allocated per step.
 
-Step time = compute (executed FLOPs at a stated MFU) + the communication that overlap does not hide,
-from a hierarchical ring model: a collective inside one node runs at NVLink bandwidth; across nodes it
+Step time = compute (executed FLOPs at a stated MFU) + the communication that overlap does not hide
+(+ a small fixed cost per micro-step), from a hierarchical ring model: a collective inside one node runs at NVLink bandwidth; across nodes it
 reduce-scatters in the node, crosses nodes on each GPU's own NIC with 1/G of the bytes, and gathers
 back in the node.
 
@@ -57,6 +57,7 @@ RUNTIME_RESERVE = 1.0 * GiB  # CUDA context, cuBLAS workspace, NCCL communicator
 FRAGMENTATION = 0.10  # headroom on per-step allocations (activations, logits, buckets)
 OVERLAP_EFFICIENCY = 0.8  # share of the overlappable compute window that actually hides communication
 INTERFERENCE = 0.15  # hidden communication still slows compute by this share of its time (NCCL SMs, HBM)
+MICRO_STEP_OVERHEAD = 0.005  # s per forward/backward pair: Python, DeepSpeed hooks, kernel launches
 BATCH_TOLERANCE = 0.05  # reached global batch may differ from the target by this much
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 RECIPE_GPUS = 8  # the InternLM2 recipes size grad_accum for 8 GPUs (their header says so)
@@ -327,12 +328,13 @@ class StepTime:
     compute: float
     comm: float  # all collectives, as if nothing overlapped
     exposed_comm: float  # what compute does not hide
+    overhead: float  # fixed cost per micro-step, so fewer larger micro-batches win a tie
     tokens_per_s: float
     mfu: float  # model FLOPs (no recompute) per second over peak
 
     @property
     def step(self) -> float:
-        return self.compute + self.exposed_comm
+        return self.compute + self.exposed_comm + self.overhead
 
 
 @dataclass
@@ -363,6 +365,7 @@ class Candidate:
                 "compute": round(self.time.compute, 4),
                 "comm": round(self.time.comm, 4),
                 "exposed_comm": round(self.time.exposed_comm, 4),
+                "overhead": round(self.time.overhead, 4),
             },
             "tokens_per_s": round(self.time.tokens_per_s, 1),
             "mfu": round(self.time.mfu, 4),
@@ -497,10 +500,10 @@ def step_time(work: Workload, layout: Layout, cl: Cluster) -> StepTime:
     hideable = OVERLAP_EFFICIENCY * window
     unhidden = max(0.0, overlapped - hideable)
     exposed = blocking + (unhidden + INTERFERENCE * min(overlapped, hideable)) * layout.grad_accum
-    step = compute + exposed
-    global_tokens = tokens_gpu * n
+    overhead = MICRO_STEP_OVERHEAD * layout.grad_accum
+    step = compute + exposed + overhead
     mfu = useful / (step * cl.peak_tflops * 1e12)
-    return StepTime(compute, total, exposed, global_tokens / step, mfu)
+    return StepTime(compute, total, exposed, overhead, tokens_gpu * n / step, mfu)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -672,7 +675,8 @@ def print_plan(plan: Plan, top: int = 5) -> None:
         f"[bold]{m.params / 1e9:.3f}B params[/bold] (non-embedding {m.non_embedding_params / 1e9:.3f}B), "
         f"seq {w.seq_len}, global batch {w.global_batch_tokens:,} tokens, {w.precision}, MFU {w.mfu:g}; "
         f"{cl.gpus} × {cl.name} = {cl.nodes} node{'s' if cl.nodes > 1 else ''} × {cl.local}, {cl.memory_gib:g} GiB, "
-        f"{cl.peak_tflops:g} TFLOP/s, {cl.intra_bw:g}/{cl.inter_bw:g} GB/s in/across nodes; dp {cl.gpus}, tp = pp = 1"
+        f"{cl.peak_tflops:g} TFLOP/s, {cl.intra_bw:g}/{cl.inter_bw:g} GB/s in/across nodes; dp {cl.gpus}, tp = pp = 1",
+        soft_wrap=True,
     )
     table = Table(show_edge=False, pad_edge=False)
     for col in ("#", "layout (micro × accum)", "batch", "params", "grads", "optim", "activ", "logits+buf", "total GiB",
@@ -681,15 +685,15 @@ def print_plan(plan: Plan, top: int = 5) -> None:
     for i, c in enumerate(plan.fitting[:top], 1):
         g = c.memory.gib()
         table.add_row(
-            str(i), c.layout.describe(), _tokens(c.layout.tokens(w.seq_len)), f"{g['params']:.1f}", f"{g['grads']:.1f}", f"{g['optimizer']:.1f}",
-            f"{g['activations']:.1f}", f"{g['logits'] + g['buffers']:.1f}", f"{g['total']:.1f}",
+            str(i), c.layout.describe(), _tokens(c.layout.tokens(w.seq_len)), f"{g['params']:.3g}", f"{g['grads']:.3g}",
+            f"{g['optimizer']:.3g}", f"{g['activations']:.3g}", f"{g['logits'] + g['buffers']:.3g}", f"{g['total']:.3g}",
             f"{c.time.step:.2f}", f"{c.time.exposed_comm:.2f}", f"{c.time.tokens_per_s:,.0f}", f"{c.time.mfu:.1%}",
         )
     console.print(table)
     console.print("GiB per GPU; total adds a runtime reserve and fragmentation headroom; comm s is what overlap "
-                  "does not hide; batch = tokens per optimizer step reached", style="dim")
+                  "does not hide; batch = tokens per optimizer step reached", style="dim", soft_wrap=True)
     for line in rejection_summary(plan):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def _tokens(n: int) -> str:
