@@ -53,6 +53,19 @@ def import_opencompass():
     return opencompass
 
 
+def _logs_to_stderr() -> None:
+    """OpenCompass's loggers write to stdout, which belongs to `--json` (console.py); move them to stderr."""
+    import logging
+
+    from opencompass.utils import get_logger
+
+    loggers = [get_logger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__):
+                h.setStream(sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Datasets
 
@@ -217,6 +230,7 @@ def offline_env(folder: Path, data_root: str) -> Iterator[None]:
         "HF_HOME": str(folder / "cache" / "huggingface"),
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "TIKTOKEN_CACHE_DIR": str(folder / "cache" / "tiktoken"),
+        "XDG_CACHE_HOME": str(folder / "cache"),  # yapf (through mmengine) and others write ~/.cache otherwise
         "COMPASS_DATA_CACHE": data_root,
     }
     saved = {k: os.environ.get(k) for k in env}
@@ -250,6 +264,10 @@ def run_inprocess(config_path: Path) -> Path:
     for stage, sub in (("infer", "predictions/"), ("eval", "results/")):
         cfg[stage].partitioner["out_dir"] = os.path.join(work, sub)
         tasks = PARTITIONERS.build(cfg[stage].partitioner)(cfg)
+        for task in tasks:
+            # The debug runner dumps each task's config to a file it never reads back in-process; mmengine
+            # would format it with yapf first, which costs seconds per task (more than the inference).
+            object.__setattr__(task, "_format_python_code", False)
         RUNNERS.build(cfg[stage].runner)(tasks)
     DefaultSummarizer(config=cfg).summarize(time_str=stamp)
     return Path(work).resolve()
@@ -352,6 +370,7 @@ def run_opencompass(ws, recipe, checkpoint: Optional[Path] = None, *, run: str =
     out.mkdir(parents=True)
     with offline_env(out, data_root):
         oc = import_opencompass()
+        _logs_to_stderr()
         from mmengine.config import Config
 
         ds_cfgs = [custom_dataset_config(decl) for decl, _ in checked]
@@ -363,8 +382,9 @@ def run_opencompass(ws, recipe, checkpoint: Optional[Path] = None, *, run: str =
             raise InputError(f"two datasets share the name {dupes[0]!r} (OpenCompass keys results by file stem)")
         model = model_config(checkpoint, recipe, chat=template == "chat")
         config_path = out / "config.py"
-        Config(build_config(model, ds_cfgs)).dump(str(config_path))
-        with contextlib.chdir(out):
+        Config(build_config(model, ds_cfgs), format_python_code=False).dump(str(config_path))
+        # OpenCompass prints its tables on stdout, which belongs to `--json` (console.py).
+        with contextlib.chdir(out), contextlib.redirect_stdout(sys.stderr):
             work = (run_inprocess(config_path) if oc_cfg.launcher == "inprocess"
                     else run_cli(config_path, out / "opencompass.log"))
     summary = {"checkpoint": str(checkpoint), "template": template, "launcher": oc_cfg.launcher,

@@ -14,8 +14,10 @@ and `needle.png` (the needle heatmap, copied).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,7 +66,8 @@ def run_suite(ws, recipe, checkpoint: Optional[Path] = None, *, run: str = "defa
     for part in recipe.eval.suite:
         log(f"== lm2 eval: {part}")
         try:
-            parts[part] = {"status": "ok", **PARTS[part](ws, recipe, checkpoint, run)}
+            with contextlib.redirect_stdout(sys.stderr):  # the parts' tables are for people; stdout is --json's
+                parts[part] = {"status": "ok", **PARTS[part](ws, recipe, checkpoint, run)}
         except InputError as e:
             warn(f"eval {part} skipped: {e}")
             parts[part] = {"status": "skipped", "reason": str(e)}
