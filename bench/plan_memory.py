@@ -122,8 +122,8 @@ def _snapshot(engine) -> dict:
 
 
 def run_rank(a: dict) -> dict:
-    import torch
     import deepspeed
+    import torch
 
     from lm2cli.config import ModelConfig, TrainConfig, load_recipe
     from lm2cli.plan import ModelShape, deepspeed_config, recipe_vocab
@@ -161,8 +161,8 @@ def _peak_allocated(prof) -> int:
 
 
 def _train(a: dict, cfg, ds_cfg):
-    import torch
     import deepspeed
+    import torch
 
     from lm2cli.model import InternLM2
 
@@ -218,8 +218,8 @@ def launch(stage: int, world: int, recipe: str = "tiny", seq_len: int = 128, mic
            profile: bool = True) -> list[dict]:
     """Run one (stage, world) measurement; one dict per rank. `profile=False` skips the peak-allocation
     profile (model states only, faster)."""
-    args = dict(stage=stage, world=world, recipe=recipe, seq_len=seq_len, micro_batch=micro_batch,
-                grad_accum=grad_accum, steps=steps, precision=precision, profile=profile)
+    args = {"stage": stage, "world": world, "recipe": recipe, "seq_len": seq_len, "micro_batch": micro_batch,
+            "grad_accum": grad_accum, "steps": steps, "precision": precision, "profile": profile}
     port = str(_free_port())
     procs = []
     for rank in range(world):
@@ -270,26 +270,29 @@ def compare(rank_result: dict, recipe: str = "tiny", seq_len: int = 128, micro_b
                      "tensors_at_step": rank_result["all_tensors"], "peak_allocated": rank_result["peak_allocated"],
                      "peak_rss_delta": rank_result["peak_rss_delta"]},
         "ratio_model_states": measured_states / est.model_states,
-        "ratio_peak_allocated": (rank_result["peak_allocated"] or 0) / est_peak,
+        "ratio_peak_allocated": rank_result["peak_allocated"] / est_peak if rank_result["peak_allocated"] else None,
         "seconds": rank_result["seconds"],
     }
 
 
+def _mib(x: float | None) -> str:
+    return f"{x / 2**20:7.2f}" if x is not None else "      -"
+
+
 def _table(rows: list[dict]) -> str:
-    mb = lambda x: f"{x / 2**20:7.2f}"  # noqa: E731
     head = (f"{'ZeRO':>4} {'world':>5} {'rank':>4} | {'params':>15} {'grads':>15} {'optimizer':>15} | "
             f"{'model states':>15} {'ratio':>6} | {'peak allocated':>15} {'ratio':>6} | {'peak RSS Δ':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        e, m = r["est"], r["measured"]
-        cell = lambda k: f"{mb(e[k])}/{mb(m[k])}"  # noqa: E731
+        cells = {k: f"{_mib(r['est'][k])}/{_mib(r['measured'][k])}"
+                 for k in ("params", "grads", "optimizer", "model_states", "peak_allocated")}
         lines.append(
-            f"{r['stage']:>4} {r['world']:>5} {r['rank']:>4} | {cell('params')} {cell('grads')} {cell('optimizer')} | "
-            f"{cell('model_states')} {r['ratio_model_states']:6.3f} | {cell('peak_allocated')} "
-            f"{r['ratio_peak_allocated']:6.3f} | {mb(m['peak_rss_delta']):>10}"
+            f"{r['stage']:>4} {r['world']:>5} {r['rank']:>4} | {cells['params']} {cells['grads']} {cells['optimizer']} | "
+            f"{cells['model_states']} {r['ratio_model_states']:6.3f} | {cells['peak_allocated']} "
+            f"{r['ratio_peak_allocated'] or 0:6.3f} | {_mib(r['measured']['peak_rss_delta']):>10}"
         )
     lines.append("MiB per rank, each cell estimate/measured, ratio = measured/estimate. Model states: live tensor "
-                 "storages at the optimizer step. Peak allocated: the most CPU tensor bytes alive at once (torch "
+                 "storages at their peak (after backward, at the optimizer step). Peak allocated: the most CPU tensor bytes alive at once (torch "
                  "profiler), against the estimate less fragmentation headroom. Peak RSS Δ: process high-water "
                  "mark over its RSS before the model (adds DeepSpeed/gloo start-up and allocator slack).")
     return "\n".join(lines)

@@ -36,9 +36,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
 
 from .config import ModelConfig, Recipe, TrainConfig
 from .errors import InputError
@@ -122,14 +122,14 @@ class Cluster:
 def cluster(
     gpus: int,
     gpus_per_node: int = 8,
-    gpu: Optional[str] = None,
-    memory_gib: Optional[float] = None,
-    peak_tflops: Optional[float] = None,
-    intra_bw: Optional[float] = None,
-    inter_bw: Optional[float] = None,
+    gpu: str | None = None,
+    memory_gib: float | None = None,
+    peak_tflops: float | None = None,
+    intra_bw: float | None = None,
+    inter_bw: float | None = None,
 ) -> Cluster:
     """A cluster from a GPU preset, with any figure given explicitly taking precedence."""
-    given = dict(memory_gib=memory_gib, peak_tflops=peak_tflops, intra_bw=intra_bw, inter_bw=inter_bw)
+    given = {"memory_gib": memory_gib, "peak_tflops": peak_tflops, "intra_bw": intra_bw, "inter_bw": inter_bw}
     name = "custom"
     if gpu is not None:
         preset = _preset(gpu)
@@ -183,7 +183,7 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, vocab: Optional[int] = None) -> "ModelShape":
+    def from_config(cls, cfg: ModelConfig, vocab: int | None = None) -> ModelShape:
         return cls(vocab=vocab or cfg.vocab_size, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                    layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
                    head_dim=cfg.head_dim)
@@ -257,8 +257,8 @@ def recipe_vocab(recipe: Recipe) -> int:
 def workload_for(
     recipe: Recipe,
     stage: int = 1,
-    seq_len: Optional[int] = None,
-    global_batch_tokens: Optional[int] = None,
+    seq_len: int | None = None,
+    global_batch_tokens: int | None = None,
     mfu: float = 0.5,
 ) -> Workload:
     """The pretraining stage's workload; the global batch defaults to the recipe's tokens per step."""
@@ -526,7 +526,7 @@ def _splits(work: Workload, dp: int) -> Iterable[tuple[int, int, str]]:
             return  # larger micro-batches only overshoot further
 
 
-def layouts(work: Workload, cl: Cluster, zero_stages: Optional[Iterable[int]] = None) -> Iterable[tuple[Layout, str]]:
+def layouts(work: Workload, cl: Cluster, zero_stages: Iterable[int] | None = None) -> Iterable[tuple[Layout, str]]:
     stages = sorted(set(zero_stages)) if zero_stages is not None else [0, 1, 2, 3]
     hpzs = [1] + ([cl.gpus_per_node] if cl.gpus > cl.gpus_per_node > 1 else [])
     dp = cl.gpus  # tp = pp = 1
@@ -538,7 +538,7 @@ def layouts(work: Workload, cl: Cluster, zero_stages: Optional[Iterable[int]] = 
                     yield Layout(dp, stage, mb, accum, ckpt, hpz, bucket=bucket), why
 
 
-def enumerate_plan(work: Workload, cl: Cluster, zero_stages: Optional[Iterable[int]] = None) -> list[Candidate]:
+def enumerate_plan(work: Workload, cl: Cluster, zero_stages: Iterable[int] | None = None) -> list[Candidate]:
     """Every layout with its memory and time, the runnable ones fastest first, then the others."""
     capacity = cl.memory_gib * GiB
     out = []
@@ -592,10 +592,10 @@ def plan_recipe(
     recipe: Recipe,
     cl: Cluster,
     stage: int = 1,
-    seq_len: Optional[int] = None,
-    global_batch_tokens: Optional[int] = None,
+    seq_len: int | None = None,
+    global_batch_tokens: int | None = None,
     mfu: float = 0.5,
-    zero_stages: Optional[Iterable[int]] = None,
+    zero_stages: Iterable[int] | None = None,
 ) -> Plan:
     work = workload_for(recipe, stage, seq_len, global_batch_tokens, mfu)
     return Plan(work, cl, enumerate_plan(work, cl, zero_stages))
@@ -724,16 +724,16 @@ def run_plan(
     recipe: Recipe,
     gpus: int,
     gpus_per_node: int = 8,
-    gpu: Optional[str] = None,
-    gpu_memory: Optional[float] = None,
-    peak_tflops: Optional[float] = None,
-    intra_bw: Optional[float] = None,
-    inter_bw: Optional[float] = None,
+    gpu: str | None = None,
+    gpu_memory: float | None = None,
+    peak_tflops: float | None = None,
+    intra_bw: float | None = None,
+    inter_bw: float | None = None,
     stage: int = 1,
-    seq_len: Optional[int] = None,
-    global_batch_tokens: Optional[int] = None,
+    seq_len: int | None = None,
+    global_batch_tokens: int | None = None,
     mfu: float = 0.5,
-    zero: Optional[list[int]] = None,
+    zero: list[int] | None = None,
     top: int = 5,
     json_out: bool = False,
 ) -> Plan:
