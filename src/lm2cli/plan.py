@@ -17,17 +17,18 @@ Memory per GPU follows what deepspeed 0.19.8 allocates, not only the textbook 16
   FlashAttention), or, with checkpointing, the layer inputs plus one layer being recomputed;
 - buffers: the logits B×T×V (low precision, the fp32 upcast and its gradient), DeepSpeed's gradient
   buckets and ZeRO-3's gathered-parameter working set (with the tensors under
-  `stage3_param_persistence_threshold`, which stay gathered through forward and backward), a runtime reserve (CUDA context, NCCL), and
-  a fragmentation headroom on everything allocated per step.
+  `stage3_param_persistence_threshold`, which stay gathered through forward and backward), a runtime
+  reserve (CUDA context, NCCL), and a fragmentation headroom on everything allocated per step.
 
 Step time = compute (executed FLOPs at a stated MFU) + the communication that overlap does not hide
-(+ a small fixed cost per micro-step), from a hierarchical ring model: a collective inside one node runs at NVLink bandwidth; across nodes it
-reduce-scatters in the node, crosses nodes on each GPU's own NIC with 1/G of the bytes, and gathers
-back in the node.
+(+ a small fixed cost per micro-step). Collectives follow a hierarchical ring model: inside one node
+they run at NVLink bandwidth; across nodes they reduce-scatter in the node, cross nodes on each GPU's
+own NIC with 1/G of the bytes, and gather back in the node. Latency per collective is not modelled.
 
 Public API: `GPUS`, `Cluster`, `cluster`, `detect_cluster`, `ModelShape`, `Workload`, `workload_for`,
-`Layout`, `Memory`, `StepTime`, `Candidate`, `model_state_bytes`, `memory`, `step_time`, `enumerate_plan`,
-`plan_recipe`, `best_layout`, `deepspeed_config`, `write_deepspeed_config`, `print_plan`.
+`recipe_vocab`, `Layout`, `Memory`, `StepTime`, `Candidate`, `Plan`, `zero_shards`, `model_state_bytes`,
+`memory`, `step_time`, `enumerate_plan`, `plan_recipe`, `best_layout`, `deepspeed_config`,
+`write_deepspeed_config`, `print_plan`, `run_plan` (the `lm2 plan` command).
 """
 
 from __future__ import annotations
@@ -443,9 +444,7 @@ def _buffer_bytes(work: Workload, layout: Layout) -> float:
     if layout.dp == 1 and s == 0:
         return 0.0
     bucket = layout.bucket
-    if s == 0:
-        return p * bucket
-    if s == 1:
+    if s <= 1:
         return p * bucket
     if s == 2:
         return 2 * p * bucket  # overlap_comm double-buffers
