@@ -175,9 +175,9 @@ def ppo_update(
                 if ptx is not None and cfg.ptx_coef > 0:
                     batch = next(ptx)
                     logits = actor(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
-                    ptx = L.ptx_loss(logits, batch["labels"].to(device))
-                    loss = loss + cfg.ptx_coef * ptx
-                    row["ptx_loss"] = ptx.item()
+                    lm_loss = L.ptx_loss(logits, batch["labels"].to(device))
+                    loss = loss + cfg.ptx_coef * lm_loss
+                    row["ptx_loss"] = lm_loss.item()
                 row.update(policy_loss=p_loss.item(), ratio=st["ratio"], clip_frac=st["clip_frac"],
                            actor_grad_norm=step(actor_engine, loss))
                 if first_ratio is None:
