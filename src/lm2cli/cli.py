@@ -334,23 +334,80 @@ def chat_cmd(
              top_k=top_k, seed=seed, device=device)
 
 
-rlhf_app = typer.Typer(help="COOL RLHF: conditional reward model (runs/<run>/rlhf-reward/) and online PPO "
-                       "(runs/<run>/rlhf-ppo/).", no_args_is_help=True)
+rlhf_app = typer.Typer(help="COOL RLHF (InternLM2 §4.2): conditional reward model (runs/<run>/rlhf-reward/), PPO "
+                       "(runs/<run>/rlhf-ppo/) and online rounds that patch reward hacking.", no_args_is_help=True)
 app.add_typer(rlhf_app, name="rlhf")
+
+ResumeOpt = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start "
+                         "over; or a checkpoints/step-XXXXXXXX folder.")
+PolicyOpt = typer.Option(None, "--from", help="SFT checkpoint or stage folder (default: runs/<run>/sft/final).")
+RewardOpt = typer.Option(None, "--reward", help="Reward model from `lm2 rlhf reward` (default: "
+                         "runs/<run>/rlhf-reward/final).")
+PtxOpt = typer.Option(None, "--ptx", help="PTX text: a JSONL of chat `messages` or `text` records, or `none` "
+                      "(default: rlhf.ppo.ptx_data, else data/tokens, else the SFT data).")
 
 
 @rlhf_app.command("reward")
-def rlhf_reward(workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
-                set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt) -> None:
-    """Train the conditional reward model; writes runs/<run>/rlhf-reward/."""
-    _not_landed("rlhf reward", "issue 8")
+def rlhf_reward(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Pairs JSONL, one {\"condition\", \"prompt\": "
+                                        "messages, \"chosen\", \"rejected\"} per line (default: the bundled "
+                                        "examples/rlhf/pairs.jsonl)."),
+    from_: Optional[Path] = typer.Option(None, "--from", help="Checkpoint or stage folder to start from (default: "
+                                         "runs/<run>/sft/final); a reward model continues with its head."),
+    resume: str = ResumeOpt,
+    workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt,
+) -> None:
+    """Train the conditional reward model (focal ranking loss + log barrier, score at an appended reward
+    token); writes runs/<run>/rlhf-reward/ with held-out accuracy per condition."""
+    from .align.run import run_reward
+    from .layout import Workspace
+
+    run_reward(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, resume=resume,
+               json_out=json_out)
 
 
 @rlhf_app.command("ppo")
-def rlhf_ppo(workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
-             set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt) -> None:
-    """PPO against the frozen reward model; writes runs/<run>/rlhf-ppo/."""
-    _not_landed("rlhf ppo", "issue 8")
+def rlhf_ppo(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Prompts JSONL, one {\"condition\", \"prompt\": "
+                                        "messages[, \"gold\"]} per line (default: examples/rlhf/prompts.jsonl)."),
+    from_: Optional[Path] = PolicyOpt,
+    reward: Optional[Path] = RewardOpt,
+    ptx: Optional[str] = PtxOpt,
+    resume: str = ResumeOpt,
+    workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt,
+) -> None:
+    """PPO against the frozen conditional reward model (KL-shaped reward, GAE, clipped policy loss, PTX);
+    writes runs/<run>/rlhf-ppo/ (metrics.jsonl per iteration, rollouts.jsonl, final/ = the actor)."""
+    from .align.run import run_ppo
+    from .layout import Workspace
+
+    run_ppo(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, reward=reward, ptx=ptx,
+            resume=resume, json_out=json_out)
+
+
+@rlhf_app.command("online")
+def rlhf_online(
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Rounds of reward -> PPO -> patch "
+                                         "(default: rlhf.online.rounds)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Pairs JSONL for the reward model (default: "
+                                        "the bundled examples/rlhf/pairs.jsonl)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts JSONL for PPO (default: the bundled "
+                                           "examples/rlhf/prompts.jsonl)."),
+    from_: Optional[Path] = PolicyOpt,
+    ptx: Optional[str] = PtxOpt,
+    workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
+    set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt,
+) -> None:
+    """Online RLHF: each round trains the reward model, runs PPO, detects reward hacking (length blow-up,
+    repetition) and adds early-beats-late pairs; writes runs/<run>/rlhf-ppo/round-N/ and final/."""
+    from .align.online import run_online
+    from .layout import Workspace
+
+    overrides = list(set_ or []) + ([f"rlhf.online.rounds={rounds}"] if rounds else [])
+    run_online(Workspace.at(workdir), _recipe(recipe, overrides), run=run, data=data, prompts=prompts, from_=from_,
+               ptx=ptx, json_out=json_out)
 
 
 @app.command()
