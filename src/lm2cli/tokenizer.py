@@ -506,7 +506,8 @@ def learn_bpe(words: Counter, ranks: dict[bytes, int], n_new: int, pat_str: str,
     adjacent pair (ties: lowest ids) and gives the new token the next rank, so tiktoken's
     lowest-rank-first rule replays the merges in order. A pair is skipped when its bytes already are a
     token or when tiktoken could not reach the new token from its bytes (`bpe_parts`).
-    Incremental: only words holding the merged pair are rewritten, and pair counts are adjusted.
+    Incremental: only words holding the merged pair are rewritten, and only the pairs next to each
+    merge are recounted (`_merge_word`), so a step costs the merge's occurrences, not the words' lengths.
     """
     enc = tiktoken.Encoding("lm2-bpe-train", pat_str=pat_str, mergeable_ranks=ranks, special_tokens={})
     id_bytes = {i: t for t, i in ranks.items()}
@@ -542,21 +543,13 @@ def learn_bpe(words: Counter, ranks: dict[bytes, int], n_new: int, pat_str: str,
             continue
         id_bytes[next_id] = token
         learned.append(token)
-        changed = set()
+        changed: set[tuple[int, int]] = set()
         for i in where.pop(pair, ()):
-            seq = seqs[i]
-            new = _merge(seq, pair, next_id)
-            if new is seq:
-                continue
-            f = freq[i]
-            for p in itertools.pairwise(seq):
-                pairs[p] -= f
-                changed.add(p)
-            for p in itertools.pairwise(new):
-                pairs[p] += f
-                where[p].add(i)
-                changed.add(p)
-            seqs[i] = new
+            new = _merge_word(seqs[i], pair, next_id, freq[i], i, pairs, where, changed)
+            if new is not None:
+                seqs[i] = new
+        pairs.pop(pair, None)
+        changed.discard(pair)
         for p in changed:
             c = pairs[p]
             if c > 0:
@@ -569,18 +562,37 @@ def learn_bpe(words: Counter, ranks: dict[bytes, int], n_new: int, pat_str: str,
     return learned
 
 
-def _merge(seq: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+def _merge_word(seq: list[int], pair: tuple[int, int], new_id: int, f: int, wi: int, pairs: dict,
+                where: dict, changed: set) -> list[int] | None:
+    """Merge `pair` left to right in one word (count `f`), adjusting the counts of the pairs around each
+    merge: (prev, a) -> (prev, new) and (b, next) -> (new, next). `prev` is the already rewritten left
+    neighbour, so back-to-back merges ("a b a b") cancel their shared middle pair. None: no occurrence."""
     a, b = pair
-    out, i, n, hit = [], 0, len(seq), False
+    out: list[int] = []
+    i, n, hit = 0, len(seq), False
     while i < n:
-        if i + 1 < n and seq[i] == a and seq[i + 1] == b:
+        if seq[i] == a and i + 1 < n and seq[i + 1] == b:
+            hit = True
+            if out:
+                prev = out[-1]
+                pairs[(prev, a)] -= f
+                pairs[(prev, new_id)] += f
+                where[(prev, new_id)].add(wi)
+                changed.add((prev, a))
+                changed.add((prev, new_id))
+            if i + 2 < n:
+                nxt = seq[i + 2]
+                pairs[(b, nxt)] -= f
+                pairs[(new_id, nxt)] += f
+                where[(new_id, nxt)].add(wi)
+                changed.add((b, nxt))
+                changed.add((new_id, nxt))
             out.append(new_id)
             i += 2
-            hit = True
         else:
             out.append(seq[i])
             i += 1
-    return out if hit else seq
+    return out if hit else None
 
 
 def pretokenizer_pattern(cfg: TokenizerConfig) -> str:
