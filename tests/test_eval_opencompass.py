@@ -124,6 +124,29 @@ def test_cli_launcher_and_base_template_match_inprocess(sft_workspace, tmp_path)
     assert (ws.eval_dir("oc-cli") / "opencompass.log").exists()
 
 
+@pytest.mark.slow
+def test_named_opencompass_config_reads_local_data_and_never_downloads(tmp_path):
+    from lm2cli.errors import InputError
+    from lm2cli.evaluate.opencompass_runner import run_opencompass
+
+    ws = Workspace.at(tmp_path / "ws")
+    ckpt = save_checkpoint(model(), tmp_path / "ckpt")
+    recipe = load_recipe("tiny", [f"eval.opencompass.data_root={tmp_path / 'oc'}", "eval.opencompass.max_out_len=4"])
+    with pytest.raises(InputError, match=r"gsm8k .* is not on disk at .*/oc/data/gsm8k; lm2 never downloads"):
+        run_opencompass(ws, recipe, ckpt, configs=["gsm8k_gen_1d7fe4"], show=False)
+    data = tmp_path / "oc" / "data" / "gsm8k"  # OpenCompass's own layout for its dataset id opencompass/gsm8k
+    data.mkdir(parents=True)
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many now?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            for a, b in ((3, 4), (10, 2), (5, 5))]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_opencompass(ws, recipe, ckpt, configs=["gsm8k_gen_1d7fe4"], show=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["datasets"]["gsm8k"]["n"] == 3 and summary["datasets"]["gsm8k"]["metric"] == "accuracy"
+    preds = json.loads((Path(summary["work_dir"]) / "predictions" / "lm2" / "gsm8k.json").read_text())
+    assert "Tom has 3 apples" in preds["0"]["origin_prompt"]
+
+
 def _lm2(*args, env=None):
     return subprocess.run([sys.executable, "-m", "lm2cli.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})

@@ -179,7 +179,7 @@ def _check_on_disk(name: str, ds: dict, data_root: str) -> None:
     if os.path.isabs(raw):
         local = raw
     else:
-        local = os.path.join(data_root, DATASETS_MAPPING.get(raw, {}).get("local") or raw)
+        local = os.path.normpath(os.path.join(data_root, DATASETS_MAPPING.get(raw, {}).get("local") or raw))
     if not os.path.exists(local):
         raise InputError(f"dataset {ds.get('abbr', raw)} of {name!r} is not on disk at {local}; lm2 never "
                          "downloads: put it there in OpenCompass's layout or set eval.opencompass.data_root")

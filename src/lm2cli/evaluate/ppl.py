@@ -299,18 +299,20 @@ def run_ppl(ws, recipe, checkpoint: Optional[Path] = None, *, run: str = "defaul
 
     cfg = recipe.eval
     checkpoint = resolve_checkpoint(ws, run, checkpoint)
-    if contamination_sets:
-        for p in contamination_sets:
-            jsonl_files([p])  # refuse a missing file before loading the model
-    model, tok = load_checkpoint(checkpoint, cfg.rope_scaling)
+    # cheap checks first: a missing file is refused before the model loads
     if data:
         source, inputs = "jsonl", jsonl_files(data)
+    elif (ws.tokens / "manifest.json").exists():
+        source, inputs = "tokens-val", [ws.tokens]
+    else:
+        raise InputError(f"no validation data: {ws.tokens} does not exist (run lm2 tokenize) and no --data "
+                         "JSONL was given")
+    for p in contamination_sets or ():
+        jsonl_files([p])
+    model, tok = load_checkpoint(checkpoint, cfg.rope_scaling)
+    if source == "jsonl":
         docs = jsonl_docs(inputs, tok, cfg.ppl_max_tokens)
     else:
-        if not (ws.tokens / "manifest.json").exists():
-            raise InputError(f"no validation data: {ws.tokens} does not exist (run lm2 tokenize) "
-                             "and no --data JSONL was given")
-        source, inputs = "tokens-val", [ws.tokens]
         docs = token_store_docs(ws.tokens, tok, cfg.ppl_max_tokens)
     with progress("eval ppl (tokens)", total=sum(len(d.ids) for d in docs)) as task:
         nll = document_nll(model, docs, tok.bos_id, cfg.max_len, cfg.batch_size, task)
