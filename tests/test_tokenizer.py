@@ -264,6 +264,29 @@ def test_learned_merges_replay_in_tiktoken_rank_order():
     assert all(bpe_parts(t, ranks) == [t] for t in learned)
 
 
+def test_incremental_pair_counts_equal_a_recount():
+    import itertools
+    from collections import defaultdict
+
+    rng = random.Random(0)
+    for _ in range(500):
+        seq = [rng.choice([1, 2, 3]) for _ in range(rng.randint(1, 14))]
+        f = rng.randint(1, 5)
+        pairs, where, changed = defaultdict(int), defaultdict(set), set()
+        for p in itertools.pairwise(seq):
+            pairs[p] += f
+        pair = (rng.choice([1, 2, 3]), rng.choice([1, 2, 3]))
+        merged = T._merge_word(seq, pair, 9, f, 0, pairs, where, changed)
+        if merged is None:
+            assert pair not in set(itertools.pairwise(seq))
+            continue
+        pairs.pop(pair)
+        recount = Counter()
+        for p in itertools.pairwise(merged):
+            recount[p] += f
+        assert {k: v for k, v in pairs.items() if v} == dict(recount), (seq, pair, merged)
+
+
 def test_built_vocab_compresses_chinese_better_than_cl100k(built, default):
     tok = built[0]
     held_out = [r["text"] for r in records(seed=1, n_zh=60, n_en=0, n_code=0, n_mixed=0)]
