@@ -147,6 +147,45 @@ def test_named_opencompass_config_reads_local_data_and_never_downloads(tmp_path)
     assert "Tom has 3 apples" in preds["0"]["origin_prompt"]
 
 
+def test_lm2model_contract(tmp_path):
+    """OpenCompass's BaseModel contract (SPEC §9.1) on a random checkpoint, against direct computation."""
+    import numpy as np
+
+    from lm2cli.evaluate.opencompass_model import LM2Model
+    from lm2cli.evaluate.ppl import token_nll
+
+    tok = tokenizer()
+    ckpt = save_checkpoint(model(seed=4, max_len=64), tmp_path / "ckpt")
+    m = LM2Model(str(ckpt), max_seq_len=48, some_future_option=1)  # unknown kwargs are accepted
+    text = "Question: what is 1 + 1?\nAnswer: 2"
+    ids = tok.encode(text, bos=True)
+    assert m.get_token_len(text) == len(ids) and m.encode(text).tolist() == [ids]
+    assert m.decode(m.encode(text)) == text
+
+    row = token_nll(m.model, [ids])[0]
+    context = "Question: what is 1 + 1?\nAnswer:"
+    k = m.get_token_len(context)
+    assert ids[:k] == tok.encode(context, bos=True)  # the context's tokens are a prefix here
+    ppl = m.get_ppl([text, text], mask_length=[0, k])
+    assert ppl[0] == pytest.approx(row.mean()) and ppl[1] == pytest.approx(row[k - 1:].mean())
+    assert m.get_loglikelihood([text], [" 2"])[0] == pytest.approx(-row[k - 1:].mean())
+
+    long = "word " * 200  # longer than max_seq_len: cut after <s>, the mask shifts with the cut
+    assert np.isfinite(m.get_ppl([long])[0])
+    out = m.generate([text, long], max_out_len=6)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    if len(out[0]) > 2:
+        stop = out[0][1:3]
+        assert m.generate([text], max_out_len=6, stopping_criteria=[stop])[0] == out[0].split(stop)[0]
+
+    ntk = LM2Model(str(ckpt), max_seq_len=512, rope_scaling={"type": "dynamic", "factor": 2.0})
+    plain = LM2Model(str(ckpt), max_seq_len=512)
+    assert ntk.model.config.rope_scaling == {"type": "dynamic", "factor": 2.0}
+    assert ntk.get_ppl([text])[0] == pytest.approx(plain.get_ppl([text])[0], rel=1e-6)  # within trained length
+    assert ntk.get_ppl([long])[0] != pytest.approx(plain.get_ppl([long])[0], rel=1e-6)  # beyond it: new base
+    assert LM2Model(str(ckpt), tokenizer_only=True).model is None
+
+
 def _lm2(*args, env=None):
     return subprocess.run([sys.executable, "-m", "lm2cli.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})

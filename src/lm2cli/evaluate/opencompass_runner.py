@@ -34,7 +34,6 @@ from ..errors import InputError, Lm2Error
 from .ppl import read_jsonl
 
 MODEL_ABBR = "lm2"
-_OC = "opencompass"
 
 
 def import_opencompass():
@@ -102,6 +101,8 @@ def custom_dataset(path: Path) -> tuple[dict, int]:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise InputError(f"{meta_path}: not valid JSON ({e.msg})") from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{meta_path}: expected a JSON object")
     _, first = rows[0]
     options = _options(first)
     data_type = meta.get("data_type", "mcq" if len(options) > 1 else "qa")
@@ -246,6 +247,17 @@ def offline_env(folder: Path, data_root: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _cwd(folder: Path) -> Iterator[None]:
+    """contextlib.chdir, which needs Python 3.11."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def run_inprocess(config_path: Path) -> Path:
     """OpenCompass's own pipeline (cli/main.py in debug mode) in this process; returns the work dir."""
     from mmengine.config import Config
@@ -384,7 +396,7 @@ def run_opencompass(ws, recipe, checkpoint: Optional[Path] = None, *, run: str =
         config_path = out / "config.py"
         Config(build_config(model, ds_cfgs), format_python_code=False).dump(str(config_path))
         # OpenCompass prints its tables on stdout, which belongs to `--json` (console.py).
-        with contextlib.chdir(out), contextlib.redirect_stdout(sys.stderr):
+        with _cwd(out), contextlib.redirect_stdout(sys.stderr):
             work = (run_inprocess(config_path) if oc_cfg.launcher == "inprocess"
                     else run_cli(config_path, out / "opencompass.log"))
     summary = {"checkpoint": str(checkpoint), "template": template, "launcher": oc_cfg.launcher,
