@@ -331,6 +331,23 @@ def test_build_vocab_command_writes_tokenizer_artefact(tmp_path):
     assert forced.exit_code == 0 and json.loads(forced.stdout)["zh_learned"] == 100
 
 
+def test_build_vocab_never_learns_from_held_out_documents(tmp_path):
+    from lm2cli.tokens import held_out
+
+    recs = records(seed=6, n_zh=60, n_en=4, n_code=2, n_mixed=2)
+    secret = next(f"zh-secret-{i}" for i in range(1000) if held_out({"id": f"zh-secret-{i}"}, 0, 0.05))
+    recs.append({"id": secret, "text": "龘靐齉爩" * 200, "lang": "zh", "content_type": "web", "source": "t", "meta": {}})
+    ws = Workspace(tmp_path / "ws")
+    write_prepared(ws.prepared, recs)
+    overrides = ["tokenizer.n_en=300", "tokenizer.n_zh=150", "tokenize.val_fraction=0.05"]
+    T.run_build_vocab(ws, load_recipe("tiny", overrides))
+    tok = Tokenizer.from_workspace(ws)
+    assert len(tok.encode("龘靐齉爩")) == len("龘靐齉爩".encode())  # nothing learned: byte tokens only
+    assert read_manifest(ws.tokenizer)["stats"]["compression"]["zh"]["sample"] == "held-out"
+    T.run_build_vocab(ws, load_recipe("tiny", [*overrides[:2], "tokenize.val_fraction=0"]), force=True)
+    assert len(Tokenizer.from_workspace(ws).encode("龘靐齉爩")) < len("龘靐齉爩".encode())
+
+
 def test_tiny_recipe_vocabulary_fits_its_budget():
     cfg = load_recipe("tiny").tokenizer
     rng = random.Random(0)

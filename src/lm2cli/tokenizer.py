@@ -665,15 +665,18 @@ def iter_prepared(files: Iterable[Path]) -> Iterator[dict]:
                     yield rec
 
 
-def _zh_texts(files: list[Path]) -> Iterator[str]:
+def _zh_texts(files: list[Path], holdout: tuple[int, float]) -> Iterator[str]:
+    """Chinese (zh, mixed) texts outside the validation split that `lm2 tokenize` will hold out."""
+    from .tokens import held_out
+
     for rec in iter_prepared(files):
-        if rec.get("lang") in ZH_LANGS:
+        if rec.get("lang") in ZH_LANGS and not held_out(rec, *holdout):
             yield rec["text"]
 
 
-def _count_file(args: tuple[str, str]) -> Counter:
-    path, pat = args
-    return count_pretokens(_zh_texts([Path(path)]), pat)
+def _count_file(args: tuple[str, str, tuple[int, float]]) -> Counter:
+    path, pat, holdout = args
+    return count_pretokens(_zh_texts([Path(path)], holdout), pat)
 
 
 def compression(texts_by_lang: dict[str, list[str]], tok: Tokenizer, ref: Tokenizer) -> dict[str, dict]:
@@ -693,22 +696,30 @@ def compression(texts_by_lang: dict[str, list[str]], tok: Tokenizer, ref: Tokeni
     return out
 
 
-def sample_by_lang(files: list[Path], limit: int = COMPRESSION_SAMPLE_BYTES) -> dict[str, list[str]]:
-    """The first `limit` bytes of text per language, in shard order (deterministic)."""
-    texts: dict[str, list[str]] = defaultdict(list)
+def sample_by_lang(files: list[Path], holdout: tuple[int, float], limit: int = COMPRESSION_SAMPLE_BYTES
+                   ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Up to `limit` bytes of text per language, in shard order: the held-out (validation) documents,
+    which the BPE never saw, or for a language without any, the first documents. Returns the texts
+    and, per language, which sample it is ("held-out" or "in-sample")."""
+    from .tokens import held_out
+
+    pools: dict[bool, dict[str, list[str]]] = {True: defaultdict(list), False: defaultdict(list)}
     size: Counter = Counter()
     for rec in iter_prepared(files):
-        lang = str(rec.get("lang") or "unk")
-        if size[lang] < limit and rec["text"]:
-            texts[lang].append(scrub_surrogates(rec["text"]))
-            size[lang] += len(rec["text"])
-    return dict(texts)
+        lang, val = str(rec.get("lang") or "unk"), held_out(rec, *holdout)
+        if size[(lang, val)] < limit and rec["text"]:
+            pools[val][lang].append(scrub_surrogates(rec["text"]))
+            size[(lang, val)] += len(rec["text"])
+    langs = sorted(set(pools[True]) | set(pools[False]))
+    texts = {lang: pools[True].get(lang) or pools[False][lang] for lang in langs}
+    kinds = {lang: "held-out" if pools[True].get(lang) else "in-sample" for lang in langs}
+    return texts, kinds
 
 
 def run_build_vocab(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None, workers: int | None = None,
                     force: bool = False, json_out: bool = False) -> Path:
     """`lm2 tokenize build-vocab`: prepared text -> <workdir>/tokenizer/ (manifest kind `tokenizer`)."""
-    from .console import log, print_json, progress
+    from .console import log, print_json, progress, warn
     from .layout import describe_input, read_manifest, require_input, staging_dir, write_manifest
 
     cfg = recipe.tokenizer
@@ -720,7 +731,9 @@ def run_build_vocab(ws: Workspace, recipe: Recipe, *, prepared: Path | None = No
         from .config import to_dict
 
         same_inputs = [i.get("fingerprint") for i in old.get("inputs", [])] == [describe_input(prepared).get("fingerprint")]
-        if old.get("config") == to_dict(cfg) and same_inputs:
+        same_holdout = old.get("stats", {}).get("holdout") == {"seed": recipe.tokenize.seed,
+                                                               "val_fraction": recipe.tokenize.val_fraction}
+        if old.get("config") == to_dict(cfg) and same_inputs and same_holdout:
             log(f"tokenizer {out} is up to date (--force rebuilds it)")
             if json_out:
                 print_json({"tokenizer": str(out), "skipped": True, **old.get("stats", {})})
@@ -732,11 +745,18 @@ def run_build_vocab(ws: Workspace, recipe: Recipe, *, prepared: Path | None = No
     pat = pretokenizer_pattern(cfg)
     workers = _workers(workers if workers is not None else recipe.tokenize.workers)
     log(f"build-vocab: cl100k top {cfg.n_en or 'all'} + {cfg.n_zh} zh tokens from {prepared} ({len(files)} shards)")
-    words = _count_parallel(files, pat, workers) if cfg.n_zh else Counter()
+    holdout = (recipe.tokenize.seed, recipe.tokenize.val_fraction)
+    words = _count_parallel(files, pat, workers, holdout) if cfg.n_zh else Counter()
     with progress("zh BPE merges", total=cfg.n_zh) as task:
         tok, stats = build_vocab(cfg, words, task=task)
-    ref = Tokenizer.default()
-    stats["compression"] = compression(sample_by_lang(files), tok, ref)
+    if stats["zh_learned"] < cfg.n_zh:
+        warn(f"only {stats['zh_learned']} of {cfg.n_zh} Chinese tokens were learned: no pair occurs twice "
+             "more; give more zh text or lower tokenizer.n_zh")
+    texts, kinds = sample_by_lang(files, holdout)
+    stats["compression"] = compression(texts, tok, Tokenizer.default())
+    for lang, kind in kinds.items():
+        stats["compression"][lang]["sample"] = kind
+    stats["holdout"] = {"seed": holdout[0], "val_fraction": holdout[1]}
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     with staging_dir(out) as tmp:
         tok.save(tmp)
@@ -752,15 +772,15 @@ def run_build_vocab(ws: Workspace, recipe: Recipe, *, prepared: Path | None = No
     return out
 
 
-def _count_parallel(files: list[Path], pat: str, workers: int) -> Counter:
+def _count_parallel(files: list[Path], pat: str, workers: int, holdout: tuple[int, float]) -> Counter:
     if workers <= 1 or len(files) <= 1:
-        return count_pretokens(_zh_texts(files), pat)
+        return count_pretokens(_zh_texts(files, holdout), pat)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     total: Counter = Counter()
     with ProcessPoolExecutor(min(workers, len(files)), mp_context=mp.get_context("spawn")) as pool:
-        for c in pool.map(_count_file, [(str(f), pat) for f in files]):
+        for c in pool.map(_count_file, [(str(f), pat, holdout) for f in files]):
             total.update(c)
     return total
 
@@ -787,13 +807,13 @@ def _print_report(tok: Tokenizer, stats: dict) -> None:
     err.print(blocks)
     table = Table(title="compression vs cl100k (per token: higher is better; tokens: % of cl100k's)",
                   title_justify="left")
-    for col in ("lang", "docs", "MB", "chars/tok", "cl100k", "bytes/tok", "cl100k", "tokens"):
-        table.add_column(col, justify="left" if col == "lang" else "right")
+    for col in ("lang", "sample", "docs", "MB", "chars/tok", "cl100k", "bytes/tok", "cl100k", "tokens"):
+        table.add_column(col, justify="left" if col in ("lang", "sample") else "right")
     for lang, c in stats["compression"].items():
         ratio = c["tokens"] / max(c["tokens_cl100k"], 1)
-        table.add_row(lang, str(c["docs"]), f"{c['bytes'] / 1e6:.2f}", f"{c['chars_per_token']:.3f}",
-                      f"{c['chars_per_token_cl100k']:.3f}", f"{c['bytes_per_token']:.3f}",
-                      f"{c['bytes_per_token_cl100k']:.3f}", f"{ratio:.1%}")
+        table.add_row(lang, c.get("sample", ""), str(c["docs"]), f"{c['bytes'] / 1e6:.2f}",
+                      f"{c['chars_per_token']:.3f}", f"{c['chars_per_token_cl100k']:.3f}",
+                      f"{c['bytes_per_token']:.3f}", f"{c['bytes_per_token_cl100k']:.3f}", f"{ratio:.1%}")
     err.print(table)
 
 

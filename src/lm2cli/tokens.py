@@ -15,7 +15,9 @@ A split is `<lang>.<content_type>` of the prepared records (`zh.web`, `en.book`,
 lowercased, other characters as `_`, missing fields as `unk`), so a recipe can weight a mixture by name
 or prefix. A document goes to `val/` when `blake2b("<seed>\\0<id>") / 2**64 < val_fraction`
 (`tokenize.seed`, `tokenize.val_fraction`; the text's sha1 stands in for a missing id): held out by
-document, deterministic, independent of worker count and order, and train/val are disjoint.
+document, deterministic, independent of worker count and order, and train/val are disjoint. `lm2
+tokenize build-vocab` leaves the same documents out of its Chinese BPE, so no validation text shaped
+the vocabulary.
 
 Both files start with a 1024-byte header of 256 little-endian int32; unused slots are 0:
 
@@ -96,6 +98,19 @@ def _split_name(lang, content_type) -> str:
 
 def _clean(value) -> str:
     return re.sub(r"[^a-z0-9_-]+", "_", str(value or "").lower()).strip("_") or "unk"
+
+
+def doc_key(record: dict) -> str:
+    """What the held-out hash reads: the record's id, else its text's sha1."""
+    doc_id = record.get("id")
+    if doc_id is not None:
+        return str(doc_id)
+    return hashlib.sha1(str(record.get("text", "")).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def held_out(record: dict, seed: int, fraction: float) -> bool:
+    """Whether a prepared record belongs to `val/` (build-vocab also keeps these out of its BPE)."""
+    return is_val(doc_key(record), seed, fraction)
 
 
 def is_val(doc_key: str, seed: int, fraction: float) -> bool:
@@ -333,9 +348,7 @@ def _tokenize_chunk_records(chunk: Chunk, work: str) -> dict:
             rejected.append({"file": name, "offset": offset, "reason": reason})
             continue
         text = rec["text"]
-        doc_id = rec.get("id")
-        key_id = str(doc_id) if doc_id is not None else hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
-        key = ("val" if is_val(key_id, s["seed"], s["val_fraction"]) else "train", split_name(rec))
+        key = ("val" if held_out(rec, s["seed"], s["val_fraction"]) else "train", split_name(rec))
         ids = tok.encode_to_numpy(text)
         n = len(ids)
         if bos is not None:
