@@ -134,10 +134,11 @@ def test_validation_split_of_data_tokens_is_the_default_source(tmp_path):
     val = TokenStore(ws.tokens).splits("val")
     expect_tokens = sum(split.num_tokens - 2 * split.num_docs for split in val.values())  # minus <s> and </s>
     assert expect_tokens > 0
-    recipe = load_recipe("tiny", [f"eval.max_len={MAX_LEN}", "eval.ppl_max_tokens=0"])
-    out = run_ppl(ws, recipe, save_checkpoint(model(seed=2), tmp_path / "ckpt"), show=False)
+    recipe = load_recipe("tiny", ["eval.max_len=4096", "eval.ppl_max_tokens=0"])
+    out = run_ppl(ws, recipe, save_checkpoint(model(seed=2, max_len=128), tmp_path / "ckpt"), show=False)
     res = json.loads((out / "results.json").read_text())
     assert res["source"] == "tokens-val"
+    assert res["window"] == 128  # never longer than the model's trained length
     assert res["all"]["tokens"] == expect_tokens
     assert res["all"]["docs"] == sum(s.num_docs for s in val.values())
     assert {k: v["tokens"] for k, v in res["split"].items()} == \

@@ -1,8 +1,9 @@
 """`lm2 eval ppl`: perplexity and bits per byte by language and content type, and the contamination check.
 
 Scoring (SPEC §9.1). A document is its text tokens (no special tokens). They are predicted in windows
-of at most `max_len` positions: the first window starts with `<s>`, each later one with the token just
-before it, so every text token is predicted exactly once (lm-eval's rolling windows). Then
+of `eval.max_len` positions at most, and never more than the model's trained length: the first window
+starts with `<s>`, each later one with the token just before it, so every text token is predicted
+exactly once (lm-eval's rolling windows). Then
 
     loss = ΣNLL / Σtokens (nats),  ppl = exp(loss),  bpb = ΣNLL / (ln 2 · Σbytes),
 
@@ -314,12 +315,14 @@ def run_ppl(ws, recipe, checkpoint: Optional[Path] = None, *, run: str = "defaul
         docs = jsonl_docs(inputs, tok, cfg.ppl_max_tokens)
     else:
         docs = token_store_docs(ws.tokens, tok, cfg.ppl_max_tokens)
+    # Scored windows never exceed the length the model was trained at (its max_position_embeddings).
+    window = min(cfg.max_len, model.config.max_position_embeddings)
     with progress("eval ppl (tokens)", total=sum(len(d.ids) for d in docs)) as task:
-        nll = document_nll(model, docs, tok.bos_id, cfg.max_len, cfg.batch_size, task)
-    results = {"checkpoint": str(checkpoint), "source": source, "max_len": cfg.max_len,
+        nll = document_nll(model, docs, tok.bos_id, window, cfg.batch_size, task)
+    results = {"checkpoint": str(checkpoint), "source": source, "window": window,
                "rope_scaling": model.config.rope_scaling, **breakdown(docs, nll)}
     if contamination_sets:
-        results["contamination"] = contamination(model, tok, *contamination_sets, cfg.max_len, cfg.batch_size)
+        results["contamination"] = contamination(model, tok, *contamination_sets, window, cfg.batch_size)
         inputs = [*inputs, *contamination_sets]
     out = ws.eval_dir(name, run)
     with staging_dir(out) as tmp:
