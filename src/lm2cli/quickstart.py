@@ -36,6 +36,13 @@ def _pretrain(stage: int):
     return step
 
 
+def _eval(ws: Workspace, recipe) -> Path:
+    """The default eval suite on the run's latest model: ppl, the example OpenCompass tasks, a small needle grid."""
+    from .evaluate.suite import run_suite
+
+    return run_suite(ws, recipe)
+
+
 def _prepare(ws, recipe):
     """Train the bundled ad/fluency/toxic classifiers, then run `lm2 prepare` on the examples corpus."""
     from .config import examples_dir
@@ -53,6 +60,7 @@ def _steps():
     steps = [("prepare", _prepare)]
     steps += [("build-vocab", _build_vocab), ("tokenize", _tokenize)]
     steps += [(f"pretrain-stage{n}", _pretrain(n)) for n in (1, 2, 3)]
+    steps += [("eval", _eval)]  # last: it evaluates whatever the run trained
     return steps
 
 
