@@ -66,3 +66,17 @@ def test_suite_skips_what_cannot_run_and_fails_when_nothing_can(tmp_path):
     ws = _workspace(tmp_path, with_tokens=False)
     with pytest.raises(InputError, match=r"no part of the eval suite could run: ppl: no validation data"):
         run_suite(ws, load_recipe("tiny", ["eval.suite=[ppl]"]))
+
+
+def test_default_checkpoint_is_the_latest_generative_stage(tmp_path):
+    from lm2cli.evaluate.common import is_chat_checkpoint, resolve_checkpoint
+
+    ws = _workspace(tmp_path, with_tokens=False)
+    assert resolve_checkpoint(ws, "default", None) == ws.stage_dir("pretrain-stage1") / "final"
+    for stage in ("sft", "rlhf-reward"):
+        save_checkpoint(model(), ws.stage_dir(stage) / "final")
+    found = resolve_checkpoint(ws, "default", None)
+    assert found == ws.stage_dir("sft") / "final"  # the reward model scores text; it is never the default
+    assert is_chat_checkpoint(found) and not is_chat_checkpoint(ws.stage_dir("pretrain-stage1") / "final")
+    with pytest.raises(InputError, match="no checkpoint given"):
+        resolve_checkpoint(ws, "other-run", None)

@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import InputError
-from ..layout import Workspace
+from ..layout import STAGES, Workspace
+
+# The reward model scores text rather than writing it: never the default model to evaluate.
+GENERATIVE_STAGES = tuple(s for s in STAGES if s != "rlhf-reward")
 
 
 def resolve_checkpoint(ws: Workspace, run: str, checkpoint: Optional[Path]) -> Path:
-    """The given checkpoint, else the run's latest `final/`; refuse a missing one by name."""
+    """The given checkpoint, else the run's latest generative `final/`; refuse a missing one by name."""
     if checkpoint is None:
-        found = ws.latest_model(run)
+        found = ws.latest_model(run, stages=GENERATIVE_STAGES)
         if found is None:
             raise InputError(f"no checkpoint given and {ws.run_dir(run)} has no finished stage; "
                              "train one (lm2 pretrain) or pass CHECKPOINT")
