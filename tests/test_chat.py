@@ -6,8 +6,18 @@ from collections import Counter
 import pytest
 import torch
 
-from lm2cli.chat import (IGNORE, build_examples, encode_chat, encode_prompt, encode_record, labels_for, masked_spans,
-                         pack, render, Rejected)
+from lm2cli.chat import (
+    IGNORE,
+    Rejected,
+    build_examples,
+    encode_chat,
+    encode_prompt,
+    encode_record,
+    labels_for,
+    masked_spans,
+    pack,
+    render,
+)
 from lm2cli.config import ModelConfig, TokenizerConfig
 from lm2cli.model import InternLM2
 from lm2cli.tokenizer import build_vocab

@@ -1,12 +1,21 @@
 """The generation engine: greedy KV-cache decoding against full recomputation, batching, stops, sampling."""
 
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
 import pytest
 import torch
 
-from lm2cli.config import ModelConfig
+from lm2cli.chat import encode_prompt
+from lm2cli.config import ModelConfig, TokenizerConfig
 from lm2cli.errors import InputError
 from lm2cli.generate import default_stop_ids, generate, score_logprobs
-from lm2cli.model import InternLM2
+from lm2cli.layout import write_manifest
+from lm2cli.model import InternLM2, save_model
+from lm2cli.tokenizer import build_vocab
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -125,16 +134,6 @@ def test_score_logprobs_match_log_softmax_with_left_padding(model):
 # ---------------------------------------------------------------------------------------------------
 # `lm2 generate` and `lm2 chat` on a saved checkpoint
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections import Counter  # noqa: E402
-
-from lm2cli.chat import encode_prompt  # noqa: E402
-from lm2cli.config import TokenizerConfig  # noqa: E402
-from lm2cli.layout import write_manifest  # noqa: E402
-from lm2cli.model import save_model  # noqa: E402
-from lm2cli.tokenizer import build_vocab  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +150,7 @@ def checkpoint(tmp_path_factory):
 
 def _lm2(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "lm2cli.cli", *args], input=stdin, capture_output=True, text=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
 
 
 def test_lm2_generate_file_keeps_fields_and_matches_the_engine(checkpoint, tmp_path):

@@ -94,7 +94,7 @@ def test_row_batches_shard_ranks_reshuffle_epochs_and_resume_exactly():
     rows = {"input_ids": [[i, i] for i in range(10)], "labels": [[i, i] for i in range(10)],
             "position_ids": [[0, 1]] * 10}
     first = [b["input_ids"][:, 0].tolist() for b, _ in zip(RowBatches(rows, 3, seed=1), range(7))]
-    flat = sum(first, [])
+    flat = [i for batch in first for i in batch]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     assert flat[:10] != flat[10:20]  # a new permutation per epoch
     r0, r1 = RowBatches(rows, 3, rank=0, world=2, seed=1), RowBatches(rows, 3, rank=1, world=2, seed=1)

@@ -32,7 +32,7 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 ROLES = ("system", "user", "assistant", "environment")
 BOS, IM_START, IM_END = "<s>", "<|im_start|>", "<|im_end|>"
