@@ -34,6 +34,7 @@ from ..errors import InputError
 
 LN2 = math.log(2.0)
 UNKNOWN = "unknown"
+LOGITS_BUDGET = 1 << 27  # floats of [B, chunk, V] logits at once (512 MB): a 100k vocabulary gets short chunks
 
 
 @dataclass
@@ -75,7 +76,8 @@ def token_nll(model, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list
             ids[r, :len(seqs[i])] = torch.as_tensor(list(seqs[i]), dtype=torch.long)
             mask[r, :len(seqs[i])] = 1
         padded = bool((mask == 0).any())
-        logp = score_logprobs(model, ids.to(device), mask.to(device) if padded else None)
+        chunk = max(16, LOGITS_BUDGET // (len(idx) * model.config.vocab_size))
+        logp = score_logprobs(model, ids.to(device), mask.to(device) if padded else None, chunk=chunk)
         logp = logp.double().cpu().numpy()
         for r, i in enumerate(idx):
             out[i] = -logp[r, :len(seqs[i]) - 1]
