@@ -232,3 +232,21 @@ def test_shard_assembly_copies_exact_ranges_with_or_without_kernel_copy(tmp_path
         TK._append_range(tmp_path / "src", 1000, 4000, f)
         TK._append_range(tmp_path / "src", 0, 3, f)
     assert (tmp_path / "slow").read_bytes() == want
+
+
+def test_a_failing_worker_process_stops_the_run_and_a_rerun_resumes(tmp_path, prepared, built, written, monkeypatch):
+    real = TK._tokenize_chunk_records
+
+    def fails_on_one_chunk(chunk, work):
+        if chunk.id == "00001-00002":
+            raise RuntimeError("worker died")
+        return real(chunk, work)
+
+    monkeypatch.setattr(TK, "_tokenize_chunk_records", fails_on_one_chunk)  # forked workers inherit it
+    cfg = TokenizeConfig(val_fraction=0.2, seed=0)
+    with pytest.raises(RuntimeError, match="worker died"):
+        TK.tokenize_dir(prepared, tmp_path / "tokens", built, cfg, workers=2, chunk_bytes=16 << 10)
+    assert not (tmp_path / "tokens").exists()
+    monkeypatch.setattr(TK, "_tokenize_chunk_records", real)
+    m = TK.tokenize_dir(prepared, tmp_path / "tokens", built, cfg, workers=2, chunk_bytes=16 << 10)
+    assert m["stats"]["splits"] == written[1]["stats"]["splits"]

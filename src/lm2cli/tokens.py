@@ -57,7 +57,6 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -492,8 +491,12 @@ def _count(result: dict) -> int:
 @contextlib.contextmanager
 def _chunk_results(todo: list[Chunk], work: Path, settings: dict, workers: int, tok: Tokenizer
                    ) -> Iterator[Iterator[dict]]:
-    """Start the workers (before any progress thread exists: forked children must not inherit a
-    thread's locks) and yield an iterator over finished chunks' results, in completion order."""
+    """Start the workers and yield an iterator over finished chunks' results, in completion order.
+
+    A `multiprocessing.Pool` queues every chunk up front, so a worker never waits for the parent to
+    hand it the next one (the parent may get little CPU on a busy machine). Workers start before any
+    progress thread exists: forked children must not inherit a thread's locks.
+    """
     _WORKER.update(tok=tok, settings=settings)
     if workers == 1 or not todo:
         yield (_tokenize_chunk(c, str(work)) for c in todo)
@@ -502,27 +505,23 @@ def _chunk_results(todo: list[Chunk], work: Path, settings: dict, workers: int, 
 
     if sys.platform.startswith("linux"):  # fork: children inherit the loaded tokenizer, no start-up cost
         gc.freeze()  # inherited objects stay out of the children's collections (and their pages shared)
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
-    else:  # fork is unsafe on macOS: spawn and load the saved tokenizer in each worker
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                   initargs=(str(work / TOKENIZER_DIR), settings))
-    with pool:
-        pending = {pool.submit(_tokenize_chunk, c, str(work)) for c in todo}  # forks the workers
+        pool = mp.get_context("fork").Pool(workers)
         gc.unfreeze()
+    else:  # fork is unsafe on macOS: spawn and load the saved tokenizer in each worker
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                             initargs=(str(work / TOKENIZER_DIR), settings))
+    try:
+        yield pool.imap_unordered(_tokenize_chunk_args, [(c, str(work)) for c in todo])
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
-        def completed() -> Iterator[dict]:
-            nonlocal pending
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    yield fut.result()
 
-        try:
-            yield completed()
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+def _tokenize_chunk_args(args: tuple[Chunk, str]) -> dict:
+    return _tokenize_chunk(*args)
 
 
 def _assemble(results: list[dict], work: Path, out: Path, vocab_size: int, dtype: np.dtype) -> dict:
