@@ -180,7 +180,6 @@ def run_phase_a(task: int, units: list[readers.Unit], cfg: PrepareConfig, out: P
                 if sig is not None:
                     row = len(sigs)
                     sigs.append(sig)
-                rec["meta"]["lm2"]["token_num"] = None  # filled by lm2 tokenize, named here for the schema
                 w.write(f".work/a/{part(task)}", rec)
                 key = [rec["id"], dedup_mod.exact_key(rec["text"], rec["lang"]),
                        dedup_mod.recency_of(rec["meta"]), row]
