@@ -246,3 +246,28 @@ def test_train_classifier_round_trip(tmp_path):
     res = runner.invoke(app, ["prepare", "train-classifier", "--labels", str(bad), "--name", "ad", "--out",
                               str(tmp_path / "x.npz")])
     assert isinstance(res.exception, InputError) and "bad.jsonl:1" in str(res.exception)
+
+
+@pytest.mark.slow
+def test_perplexity_filter_scores_with_an_lm2_checkpoint(tmp_path):
+    import torch
+
+    from lm2cli.config import ModelConfig, TokenizerConfig
+    from lm2cli.model import InternLM2, save_model
+    from lm2cli.tokenizer import build_vocab
+
+    tok, _ = build_vocab(TokenizerConfig(n_en=256, n_zh=16, n_spare=16), Counter({"中文": 5}))
+    torch.manual_seed(0)
+    model = InternLM2(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    ckpt = save_model(model, tmp_path / "ckpt", tokenizer=tok)
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    rng = random.Random(1)
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": S.en_document(rng, paragraphs=(5, 6))}) + "\n"
+                                            for _ in range(3)))
+    cfg = load_recipe("tiny", [f"prepare.quality.perplexity_model={ckpt}", "prepare.quality.max_perplexity=1"]).prepare
+    stats = run_prepare([corpus], Workspace.at(tmp_path / "ws"), cfg)
+    rejected = list(iter_rejected(tmp_path / "ws" / "data" / "prepared", "quality"))
+    assert stats["stages"]["quality"]["reasons"] == {"perplexity": len(rejected)} and rejected
+    assert all(r["meta"]["lm2"]["perplexity"] > 1 for r in rejected)  # an untrained model is near-uniform
