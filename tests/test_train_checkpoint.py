@@ -11,9 +11,9 @@ import threading
 
 import pytest
 import torch
+from _train_ws import build_tokens
 from safetensors.torch import load_file
 
-from _train_ws import build_tokens
 from lm2cli.config import ModelConfig, TrainConfig
 from lm2cli.layout import read_manifest
 from lm2cli.model import InternLM2, load_model
@@ -58,16 +58,17 @@ def run(store, stage_dir, cfg=CFG, **kw):
 
 
 def losses(stage_dir):
-    return [r["loss"] for r in read_metrics(stage_dir / "metrics.jsonl")]
+    return [r["loss"] for r in read_metrics(stage_dir / "metrics.jsonl") if "loss" in r]
 
 
 def test_fit_writes_the_stage_folder_and_whole_checkpoints(store, tmp_path):
     stage = tmp_path / "pretrain-stage1"
     result = run(store, stage)
     assert result.steps == 6 and result.tokens == 6 * 2 * 32 * 2
-    rows = read_metrics(stage / "metrics.jsonl")
+    start, *rows = read_metrics(stage / "metrics.jsonl")
+    assert set(start) == {"step", "eval_loss"} and start["step"] == 0  # the stage's starting point
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed"} <= set(rows[0])
     assert [("eval_loss" in r) for r in rows] == [False, False, True, False, False, True]
     assert rows[0]["lr"] == pytest.approx(3e-3 * 0.5) and rows[-1]["lr"] == pytest.approx(3e-4)  # 2 warmup steps
     ckpts = stage / "checkpoints"
@@ -140,8 +141,8 @@ def test_training_continues_while_a_checkpoint_is_written(store, tmp_path, monke
     calls = []
 
     def loss_fn(model, batch):
-        calls.append(1)
-        if len(calls) == CFG.save_every * CFG.grad_accum + 1:  # first micro-batch after the first save
+        calls.append(torch.is_grad_enabled())  # False for evaluation batches
+        if sum(calls) == CFG.save_every * CFG.grad_accum + 1 and calls[-1]:  # first micro-batch after the first save
             seen["writer_alive"] = any(t.name == "lm2-save-2" and t.is_alive() for t in threading.enumerate())
             next_step_started.set()
         return lm_loss(model, batch)
@@ -157,8 +158,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(store, tmp_path):
     calls = []
 
     def loss_fn(model, batch):
-        calls.append(1)
-        if len(calls) == 3 * cfg.grad_accum:  # during step 3
+        calls.append(torch.is_grad_enabled())  # False for evaluation batches
+        if sum(calls) == 3 * cfg.grad_accum and calls[-1]:  # during step 3
             os.kill(os.getpid(), signal.SIGTERM)
         return lm_loss(model, batch)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _train_ws import TINY_MODEL, build_tokens, workspace_with_tokens
 from safetensors.torch import load_file
 
-from _train_ws import TINY_MODEL, build_tokens, workspace_with_tokens
 from lm2cli.train.checkpoint import verify
 
 pytestmark = pytest.mark.slow
@@ -84,8 +84,9 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tokens, tmp_path)
     assert Path(manifest["resumed_from"]).name.startswith("step-")
 
     ref_stage = ref.stage_dir("pretrain-stage1")
-    assert [r["step"] for r in metrics(stage)] == list(range(1, steps + 1))
-    assert [r["loss"] for r in metrics(stage)] == [r["loss"] for r in metrics(ref_stage)]
+    assert [r["step"] for r in metrics(stage)] == list(range(0, steps + 1))  # step 0: the starting eval
+    assert metrics(stage)[0]["eval_loss"] == metrics(ref_stage)[0]["eval_loss"]
+    assert [r["loss"] for r in metrics(stage)[1:]] == [r["loss"] for r in metrics(ref_stage)[1:]]
     ours, theirs = load_file(stage / "final" / "model.safetensors"), load_file(ref_stage / "final" / "model.safetensors")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -178,7 +178,7 @@ class Engine:
         import deepspeed
 
         self.cfg, self.dist = cfg, dist
-        self.config = ds_config or deepspeed_config(cfg, dist.world)
+        self.config = dict(ds_config) if ds_config else deepspeed_config(cfg, dist.world)
         expected = (cfg.micro_batch_size, cfg.grad_accum)
         got = (self.config.get("train_micro_batch_size_per_gpu"), self.config.get("gradient_accumulation_steps"))
         if got != expected:
@@ -186,6 +186,8 @@ class Engine:
                              f"(micro {expected[0]}, accum {expected[1]})")
         self.zero_stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         self.clip_here = not (self.zero_stage > 0 or self.config.get("bf16", {}).get("enabled"))
+        if self.clip_here:  # see clips_in_deepspeed: DeepSpeed must not clip a second time
+            self.config["gradient_clipping"] = 0.0
         if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
             model.gradient_checkpointing = True
         model.to(dist.device)

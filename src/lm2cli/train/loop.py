@@ -5,7 +5,8 @@
     for step in range(start, max_steps):
         for each of grad_accum micro-batches:
             loss, metrics = loss_fn(model, batch); backward; engine.step()
-        log metrics.jsonl; eval every eval_every; async checkpoint every save_every; SIGTERM → save, stop
+        log metrics.jsonl; eval every eval_every (and at step 0); async checkpoint every save_every;
+        SIGTERM → save and stop
     final/ (HF format, manifest kind "checkpoint"), loss.png, the stage's manifest.json
 
 Nothing here knows about pretraining: the caller brings the model, a stateful batch iterator (with
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import to_yaml
-from ..console import log, progress, warn
+from ..console import log, progress
 from ..errors import InputError, Lm2Error
 from ..layout import atomic_write_text, staging_dir, write_manifest
 from .checkpoint import AsyncCheckpointer, find_resume, restore, verify
@@ -108,8 +109,8 @@ def fit(
     module = engine.module
     config_yaml = to_yaml(recipe if recipe is not None else cfg)
     inputs = [Path(p) for p in inputs]
-    saver = AsyncCheckpointer(ckpt_root, engine, dist, keep_last=cfg.keep_last, model_config=getattr(module, "config", None),
-                              tokenizer=tokenizer, export=export, config_yaml=config_yaml, inputs=inputs)
+    saver = AsyncCheckpointer(ckpt_root, engine, dist, keep_last=cfg.keep_last, tokenizer=tokenizer, export=export,
+                              model_config=getattr(module, "config", None), config_yaml=config_yaml, inputs=inputs)
     step, tokens, elapsed = 0, 0, 0.0
     if start_ckpt is not None:
         train_state, data_state = restore(start_ckpt, engine, dist)
@@ -132,9 +133,13 @@ def fit(
             f"({dist.device.type}), {tokens_per_step:,} tokens/step, matmul peak {peak / 1e9:.1f} GFLOP/s "
             f"({str(dtype).replace('torch.', '')})")
 
+    if eval_data is not None and step == 0:  # where the stage starts from, on the same batches as later evals
+        start_eval = round(evaluate(engine, eval_data, loss_fn, dist), 6)
+        if dist.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": 0, "eval_loss": start_eval}) + "\n")
     stop = _StopFlag()
-    record: dict = {}
-    segment_start, segment_tokens = time.perf_counter(), 0
+    segment_start = time.perf_counter()
     with stop.installed(), (progress(kind, total=cfg.max_steps) if dist.is_main else nullcontext()) as bar:
         if bar is not None and step:
             bar.advance(step)
@@ -152,13 +157,11 @@ def fit(
                 for k, v in metrics.items():
                     extras[k] = extras.get(k, 0.0) + float(v)
             step += 1
-            mean = _all_mean(torch.stack([loss_sum / cfg.grad_accum,
-                                          *[torch.tensor(v / cfg.grad_accum) for v in extras.values()]]), dist)
+            means = [loss_sum / cfg.grad_accum] + [torch.tensor(v / cfg.grad_accum) for v in extras.values()]
+            mean = _all_mean(torch.stack(means), dist)
             stopping = stop.agreed(dist)
-            dt = time.perf_counter() - t0
+            tps = tokens_per_step / (time.perf_counter() - t0)
             tokens += tokens_per_step
-            segment_tokens += tokens_per_step
-            tps = tokens_per_step / dt
             record = {"step": step, "loss": round(float(mean[0]), 6), "lr": lr, "grad_norm": _round(grad_norm),
                       "tokens": tokens, "tokens_per_s": round(tps, 1),
                       "mfu": round(tps / dist.world * flops_per_token / peak, 5)}
@@ -171,9 +174,9 @@ def fit(
                     f.write(json.dumps(record) + "\n")
                 bar.advance(1, info=f"loss {record['loss']:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-                saver.save(step, batches.state_dict(), {"step": step, "tokens": tokens, "elapsed": record["elapsed"],
-                                                        "world": dist.world, "zero_stage": engine.zero_stage,
-                                                        "loss": record["loss"]})
+                train_state = {"step": step, "tokens": tokens, "elapsed": record["elapsed"], "loss": record["loss"],
+                               "world": dist.world, "zero_stage": engine.zero_stage}
+                saver.save(step, batches.state_dict(), train_state)
             if stopping:
                 saver.wait()
                 raise Stopped(f"{kind} stopped by SIGTERM at step {step}/{cfg.max_steps}; checkpoint "
@@ -211,7 +214,8 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     """A resumed run rewrites the steps after its checkpoint, so the curve has each step once."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -227,7 +231,7 @@ def evaluate(engine: Engine, eval_data: Callable[[], Iterable[dict]], loss_fn, d
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def _all_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -296,13 +300,15 @@ def _finish(engine: Engine, cfg, stage_dir: Path, kind: str, dist: Dist, tokeniz
 
     final = stage_dir / "final"
     history = read_metrics(stage_dir / METRICS) if dist.is_main else []
-    first = history[0]["loss"] if history else None
-    last = history[-1]["loss"] if history else None
+    losses = [r["loss"] for r in history if "loss" in r]
+    first, last = (losses[0], losses[-1]) if losses else (None, None)
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     stats = {"steps": step, "tokens": tokens, "first_loss": first, "final_loss": last,
-             "eval_loss": evals[-1] if evals else None, "train_seconds": round(train_seconds, 2),
+             "first_eval_loss": evals[0] if evals else None, "eval_loss": evals[-1] if evals else None,
+             "train_seconds": round(train_seconds, 2),
              "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-             "mfu": _mean([r.get("mfu") for r in history]), "world": dist.world, "zero_stage": engine.zero_stage}
+             "mfu": _mean([r.get("mfu") for r in history]), "world": dist.world,
+             "zero_stage": engine.zero_stage}
     with engine.full_weights() as module:
         if dist.is_main:
             with staging_dir(final) as tmp:
@@ -312,12 +318,14 @@ def _finish(engine: Engine, cfg, stage_dir: Path, kind: str, dist: Dist, tokeniz
     if dist.is_main:
         plot_losses(history, stage_dir / CURVE, title=kind)
         stats["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-        write_manifest(stage_dir, kind, config={"train": cfg, "model": getattr(engine.module, "config", None),
-                                                "deepspeed": engine.config},
-                       inputs=inputs, stats=stats, final="final", resumed_from=str(start_ckpt) if start_ckpt else None)
-        log(f"{kind}: {step} steps, loss {first} -> {last}, {tokens:,} tokens; final weights in {final}")
+        config = {"train": cfg, "model": getattr(engine.module, "config", None), "deepspeed": engine.config}
+        write_manifest(stage_dir, kind, config=config, inputs=inputs, stats=stats, final="final",
+                       resumed_from=str(start_ckpt) if start_ckpt else None)
+        ev = f" (eval {evals[0]} -> {evals[-1]})" if evals else ""
+        log(f"{kind}: {step} steps, loss {first} -> {last}{ev}, {tokens:,} tokens; final weights in {final}")
     _barrier(dist)
-    return FitResult(stage_dir, final, step, tokens, first, last, stats["eval_loss"], train_seconds, start_ckpt)
+    return FitResult(stage_dir, final, step, tokens, first, last, stats["eval_loss"], train_seconds,
+                     start_ckpt)
 
 
 def _mean(xs) -> Optional[float]:
@@ -342,7 +350,9 @@ def plot_losses(history: list[dict], png: Path, title: str = "") -> Optional[Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss", lw=1)
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
     ev = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     if ev:
         ax.plot(*zip(*ev), "o-", label="eval loss", ms=4)
