@@ -205,6 +205,7 @@ def test_tokenize_command_uses_the_workspace_tokenizer(tmp_path, built):
     assert summary["tokenizer"]["fingerprint"] == built.fingerprint
     assert summary["tokenizer"]["source"] == str(ws.tokenizer)
     assert TokenStore(ws.tokens).tokenizer_fingerprint == built.fingerprint
+    assert [i["kind"] for i in TokenStore(ws.tokens).manifest["inputs"]] == ["prepared", "tokenizer"]
     res = runner.invoke(app, ["tokenize", "--workdir", str(tmp_path / "empty")])
     assert isinstance(res.exception, InputError) and "lm2 prepare" in str(res.exception)
 

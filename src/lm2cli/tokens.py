@@ -412,6 +412,7 @@ def tokenize_dir(
     force: bool = False,
     chunk_bytes: int | None = None,
     tokenizer_source: str = "",
+    tokenizer_dir: Path | None = None,
 ) -> dict:
     """Tokenize a prepared folder into `out`; returns the manifest. Resumes unfinished work."""
     from .console import log, progress
@@ -472,7 +473,8 @@ def tokenize_dir(
             (tmp / REJECTED).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
         stats = _stats(splits, rejected, total, seconds_tok, workers)
         manifest = write_manifest(
-            tmp, "tokens", config=cfg, inputs=[prepared], stats=stats, job_key=job_key,
+            tmp, "tokens", config=cfg, stats=stats, job_key=job_key,
+            inputs=[prepared] + ([tokenizer_dir] if tokenizer_dir and (tokenizer_dir / "manifest.json").exists() else []),
             format={"version": VERSION, "dtype": dtype.name, "header_bytes": HEADER_BYTES,
                     "prepend_bos": cfg.prepend_bos, "append_eos": cfg.append_eos},
             tokenizer={"fingerprint": tok.fingerprint, "name": tok.name, "vocab_size": tok.vocab_size,
@@ -616,9 +618,10 @@ def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None,
 
     prepared, _ = require_input(prepared or (ws.prepared if ws.prepared.exists() else None), ("prepared",),
                                 "prepared data", "run `lm2 prepare` first or pass --input")
-    tok, source = resolve_tokenizer(ws, tokenizer)
+    tok, source, tok_dir = resolve_tokenizer(ws, tokenizer)
     n = _workers(workers if workers is not None else recipe.tokenize.workers)
-    manifest = tokenize_dir(prepared, ws.tokens, tok, recipe.tokenize, workers=n, force=force, tokenizer_source=source)
+    manifest = tokenize_dir(prepared, ws.tokens, tok, recipe.tokenize, workers=n, force=force, tokenizer_source=source,
+                            tokenizer_dir=tok_dir)
     stats = manifest["stats"]
     if json_out:
         print_json({"tokens": str(ws.tokens), "tokenizer": manifest["tokenizer"], **stats})
@@ -629,20 +632,20 @@ def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None,
     return ws.tokens
 
 
-def resolve_tokenizer(ws: Workspace, spec: str | None) -> tuple[Tokenizer, str]:
-    """(tokenizer, where it came from) for `--tokenizer`."""
+def resolve_tokenizer(ws: Workspace, spec: str | None) -> tuple[Tokenizer, str, Path | None]:
+    """(tokenizer, where it came from, its folder if any) for `--tokenizer`."""
     if spec in ("cl100k", "default"):
-        return Tokenizer.default(), "default (cl100k)"
+        return Tokenizer.default(), "default (cl100k)", None
     if spec:
         from .layout import read_manifest
 
-        path = Path(spec)
+        path = Path(spec).resolve()
         if (path / "manifest.json").exists():
             read_manifest(path, kinds=("tokenizer",), what="tokenizer")
-        return Tokenizer.load(path), str(path.resolve())
+        return Tokenizer.load(path), str(path), path
     if ws.tokenizer.exists():
-        return Tokenizer.from_workspace(ws), str(ws.tokenizer)
-    return Tokenizer.default(), "default (cl100k; no built tokenizer/ in the workspace)"
+        return Tokenizer.from_workspace(ws), str(ws.tokenizer), ws.tokenizer
+    return Tokenizer.default(), "default (cl100k; no built tokenizer/ in the workspace)", None
 
 
 def _print_report(manifest: dict) -> None:
