@@ -206,6 +206,12 @@ def test_tokenize_command_uses_the_workspace_tokenizer(tmp_path, built):
     assert summary["tokenizer"]["source"] == str(ws.tokenizer)
     assert TokenStore(ws.tokens).tokenizer_fingerprint == built.fingerprint
     assert [i["kind"] for i in TokenStore(ws.tokens).manifest["inputs"]] == ["prepared", "tokenizer"]
+    ckpt = tmp_path / "some-checkpoint"  # any folder carrying tokenizer files will do
+    built.save(ckpt)
+    res = runner.invoke(app, ["tokenize", "-w", str(ws.root), "--tokenizer", str(ckpt), "-j", "1", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["tokenizer"]["source"] == str(ckpt.resolve())
+    res = runner.invoke(app, ["tokenize", "-w", str(ws.root), "--tokenizer", "cl100k", "-j", "1", "--json"])
+    assert json.loads(res.stdout)["tokenizer"]["fingerprint"] == Tokenizer.default().fingerprint
     res = runner.invoke(app, ["tokenize", "--workdir", str(tmp_path / "empty")])
     assert isinstance(res.exception, InputError) and "lm2 prepare" in str(res.exception)
 

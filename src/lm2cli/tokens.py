@@ -636,12 +636,8 @@ def resolve_tokenizer(ws: Workspace, spec: str | None) -> tuple[Tokenizer, str, 
     """(tokenizer, where it came from, its folder if any) for `--tokenizer`."""
     if spec in ("cl100k", "default"):
         return Tokenizer.default(), "default (cl100k)", None
-    if spec:
-        from .layout import read_manifest
-
+    if spec:  # a built tokenizer/ or any folder carrying tokenizer files (a checkpoint, an export)
         path = Path(spec).resolve()
-        if (path / "manifest.json").exists():
-            read_manifest(path, kinds=("tokenizer",), what="tokenizer")
         return Tokenizer.load(path), str(path), path
     if ws.tokenizer.exists():
         return Tokenizer.from_workspace(ws), str(ws.tokenizer), ws.tokenizer
