@@ -439,14 +439,7 @@ def tokenize_dir(
             log(f"tokens {out} are up to date (--force redoes them)")
             return old
     work = out.parent / f".{out.name}.partial"
-    job_file = work / "job.json"
-    if force or not job_file.exists() or json.loads(job_file.read_text()).get("key") != job_key:
-        shutil.rmtree(work, ignore_errors=True)
-        (work / "chunks").mkdir(parents=True)
-        tok.save(work / TOKENIZER_DIR)
-        chunk_bytes = chunk_bytes or default_chunk_bytes(total, workers)
-        job_file.write_text(json.dumps({"key": job_key, "chunk_bytes": chunk_bytes, **job}))
-    chunk_bytes = json.loads(job_file.read_text())["chunk_bytes"]
+    chunk_bytes = _open_work(work, job_key, job, tok, force, chunk_bytes or default_chunk_bytes(total, workers))
     chunks = plan_chunks(files, chunk_bytes)
     done = {c.id: json.loads(_done_file(work, c.id).read_text()) for c in chunks if _done_file(work, c.id).exists()}
     todo = [c for c in chunks if c.id not in done]
@@ -484,6 +477,20 @@ def tokenize_dir(
         )
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _open_work(work: Path, job_key: str, job: dict, tok: Tokenizer, force: bool, chunk_bytes: int) -> int:
+    """The partial-work folder for this job: reused when it belongs to the same job (same tokenizer,
+    input and settings), else started afresh. Returns the job's chunk size (a resumed job keeps its own)."""
+    from .layout import atomic_write_text
+
+    job_file = work / "job.json"
+    if force or not job_file.exists() or json.loads(job_file.read_text()).get("key") != job_key:
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "chunks").mkdir(parents=True)
+        tok.save(work / TOKENIZER_DIR)
+        atomic_write_text(job_file, json.dumps({"key": job_key, "chunk_bytes": chunk_bytes, **job}))
+    return json.loads(job_file.read_text())["chunk_bytes"]
 
 
 def _count(result: dict) -> int:
