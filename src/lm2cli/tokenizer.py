@@ -43,7 +43,6 @@ import heapq
 import itertools
 import json
 import os
-import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -605,15 +604,14 @@ def build_vocab(cfg: TokenizerConfig, zh_words: Counter, task: Any = None) -> tu
     t0 = time.perf_counter()
     base = load_cl100k_ranks()
     pat = pretokenizer_pattern(cfg)
-    words = zh_words
     kept, dropped = prune_cl100k(base, cfg.n_en, cfg.drop_cjk, cfg.split_digits)
     ranks = {bytes([b]): FIRST_BYTE_ID + b for b in range(256)}
     ranks.update({t: FIRST_MERGED_ID + i for i, t in enumerate(kept)})
     zh_start = FIRST_MERGED_ID + len(kept)
-    if cfg.n_zh and not words:
+    if cfg.n_zh and not zh_words:
         raise InputError("no Chinese text to learn from (no zh/mixed records with non-ASCII text); "
                          "set tokenizer.n_zh=0 to build without a Chinese block")
-    learned = learn_bpe(words, ranks, cfg.n_zh, pat, task=task) if cfg.n_zh else []
+    learned = learn_bpe(zh_words, ranks, cfg.n_zh, pat, task=task) if cfg.n_zh else []
     first_spare = zh_start + len(learned)
     specials = {UNK: 0, BOS: 1, EOS: 2}
     spares, reward = special_block(first_spare, cfg.n_spare, cfg.pad_multiple)
@@ -629,8 +627,8 @@ def build_vocab(cfg: TokenizerConfig, zh_words: Counter, task: Any = None) -> tu
         "cl100k_dropped": dropped,
         "zh_requested": cfg.n_zh,
         "zh_learned": len(learned),
-        "zh_pretokens": len(words),
-        "zh_pretoken_occurrences": sum(words.values()),
+        "zh_pretokens": len(zh_words),
+        "zh_pretoken_occurrences": sum(zh_words.values()),
         "reward_id": tok.reward_id,
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -743,7 +741,7 @@ def run_build_vocab(ws: Workspace, recipe: Recipe, *, prepared: Path | None = No
     files = prepared_files(prepared)
     t0 = time.perf_counter()
     pat = pretokenizer_pattern(cfg)
-    workers = _workers(workers if workers is not None else recipe.tokenize.workers)
+    workers = resolve_workers(workers if workers is not None else recipe.tokenize.workers)
     log(f"build-vocab: cl100k top {cfg.n_en or 'all'} + {cfg.n_zh} zh tokens from {prepared} ({len(files)} shards)")
     holdout = (recipe.tokenize.seed, recipe.tokenize.val_fraction)
     words = _count_parallel(files, pat, workers, holdout) if cfg.n_zh else Counter()
@@ -785,7 +783,8 @@ def _count_parallel(files: list[Path], pat: str, workers: int, holdout: tuple[in
     return total
 
 
-def _workers(n: int | None) -> int:
+def resolve_workers(n: int | None) -> int:
+    """`--workers` / `tokenize.workers`: a positive count as given, 0 or None for one per usable core."""
     if n:
         return max(1, int(n))
     try:
@@ -815,10 +814,3 @@ def _print_report(tok: Tokenizer, stats: dict) -> None:
                       f"{c['chars_per_token']:.3f}", f"{c['chars_per_token_cl100k']:.3f}",
                       f"{c['bytes_per_token']:.3f}", f"{c['bytes_per_token_cl100k']:.3f}", f"{ratio:.1%}")
     err.print(table)
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy a saved tokenizer's files (e.g. into a checkpoint or token-shard folder)."""
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    for name in (RANKS_FILE, CONFIG_FILE):
-        shutil.copy2(Path(src) / name, Path(dst) / name)

@@ -621,12 +621,12 @@ def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None,
     """
     from .console import log, print_json
     from .layout import require_input
-    from .tokenizer import _workers
+    from .tokenizer import resolve_workers
 
     prepared, _ = require_input(prepared or (ws.prepared if ws.prepared.exists() else None), ("prepared",),
                                 "prepared data", "run `lm2 prepare` first or pass --input")
     tok, source, tok_dir = resolve_tokenizer(ws, tokenizer)
-    n = _workers(workers if workers is not None else recipe.tokenize.workers)
+    n = resolve_workers(workers if workers is not None else recipe.tokenize.workers)
     manifest = tokenize_dir(prepared, ws.tokens, tok, recipe.tokenize, workers=n, force=force, tokenizer_source=source,
                             tokenizer_dir=tok_dir)
     stats = manifest["stats"]
