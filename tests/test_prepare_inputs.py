@@ -271,3 +271,16 @@ def test_perplexity_filter_scores_with_an_lm2_checkpoint(tmp_path):
     rejected = list(iter_rejected(tmp_path / "ws" / "data" / "prepared", "quality"))
     assert stats["stages"]["quality"]["reasons"] == {"perplexity": len(rejected)} and rejected
     assert all(r["meta"]["lm2"]["perplexity"] > 1 for r in rejected)  # an untrained model is near-uniform
+
+
+def test_lone_surrogates_in_json_are_replaced_not_fatal(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = S.en_document(random.Random(5), paragraphs=(5, 6))
+    # json.dumps escapes the lone surrogate as \ud800, which json.loads turns back into one.
+    (src / "sur.jsonl").write_text(json.dumps({"text": good + " \ud800 end."}) + "\n")
+    stats = run_prepare([src], Workspace.at(tmp_path / "ws"), _cfg())
+    assert stats["input_records"] == stats["kept_records"] + stats["rejected_records"] == 1
+    recs = list(iter_kept(tmp_path / "ws" / "data" / "prepared")) + [
+        r for r in iter_rejected(tmp_path / "ws" / "data" / "prepared") if r.get("text")]
+    assert recs and "\ufffd" in recs[0]["text"] and "\ud800" not in recs[0]["text"]

@@ -11,6 +11,8 @@ import hashlib
 import re
 import unicodedata
 
+from ..tokenizer import scrub_surrogates
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TRAILING = re.compile(r"[ \t\u3000]+\n")
 _BLANKS = re.compile(r"\n{3,}")
@@ -18,6 +20,8 @@ _BLANKS = re.compile(r"\n{3,}")
 
 def normalize_text(text: str) -> tuple[str, int]:
     """(normalised text, number of control characters removed)."""
+    # JSON can carry lone surrogates ("\ud800") that UTF-8 cannot hold; same policy as the tokenizer.
+    text = scrub_surrogates(text)
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text, n_control = _CONTROL.subn("", text)
     text = _BLANKS.sub("\n\n", _TRAILING.sub("\n", text))
