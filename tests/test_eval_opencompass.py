@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _eval_tiny import memorise, model, save_checkpoint, tokenizer
+
 from lm2cli.config import examples_dir, load_recipe
 from lm2cli.layout import Workspace, read_manifest
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from _eval_tiny import memorise, model, save_checkpoint, tokenizer
+
 from lm2cli.config import load_recipe
 from lm2cli.errors import InputError
 from lm2cli.layout import Workspace, read_manifest

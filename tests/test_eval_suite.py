@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from _eval_tiny import model, save_checkpoint, tokenizer
 from typer.testing import CliRunner
 
-from _eval_tiny import model, save_checkpoint, tokenizer
 from lm2cli.cli import app
 from lm2cli.config import TokenizeConfig, load_recipe
 from lm2cli.errors import InputError

@@ -7,7 +7,6 @@ export); with none given, the run's latest finished stage. Its tokenizer travels
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from ..errors import InputError
 from ..layout import STAGES, Workspace
@@ -16,7 +15,7 @@ from ..layout import STAGES, Workspace
 GENERATIVE_STAGES = tuple(s for s in STAGES if s != "rlhf-reward")
 
 
-def resolve_checkpoint(ws: Workspace, run: str, checkpoint: Optional[Path]) -> Path:
+def resolve_checkpoint(ws: Workspace, run: str, checkpoint: Path | None) -> Path:
     """The given checkpoint, else the run's latest generative `final/`; refuse a missing one by name."""
     if checkpoint is None:
         found = ws.latest_model(run, stages=GENERATIVE_STAGES)
@@ -38,7 +37,7 @@ def load_tokenizer(checkpoint: Path):
     return Tokenizer.load(checkpoint)
 
 
-def load_checkpoint(checkpoint: Path, rope_scaling: Optional[dict] = None, device=None):
+def load_checkpoint(checkpoint: Path, rope_scaling: dict | None = None, device=None):
     """(model in eval mode, tokenizer). `rope_scaling` overrides the saved one (e.g. dynamic NTK)."""
     import torch
 

@@ -21,8 +21,6 @@ Contract (opencompass 0.5.4 `models/base.py`):
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 import numpy as np
 import torch
 from opencompass.models.base import BaseModel
@@ -59,7 +57,7 @@ class ExactMatchEvaluator(BaseEvaluator):
     Plain Python, unlike OpenCompass's `AccEvaluator`, which loads a Hugging Face `evaluate` metric
     into a cache under `~/.cache` on every run."""
 
-    def score(self, predictions: List, references: List) -> dict:
+    def score(self, predictions: list, references: list) -> dict:
         if len(predictions) != len(references):
             return {"error": f"{len(predictions)} predictions for {len(references)} references"}
         details = [{"pred": p, "answer": r, "correct": str(p).strip() == str(r).strip()}
@@ -72,9 +70,9 @@ class LM2Model(BaseModel):
     """An lm2 checkpoint (or its HF export) behind OpenCompass's `BaseModel` interface."""
 
     def __init__(self, path: str, max_seq_len: int = 2048, tokenizer_only: bool = False,
-                 meta_template: Optional[Dict] = None, generation_kwargs: Optional[Dict] = None,
-                 sync_rank: bool = False, rope_scaling: Optional[Dict] = None, stop_words: tuple = (),
-                 device: Optional[str] = None, **kwargs):
+                 meta_template: dict | None = None, generation_kwargs: dict | None = None,
+                 sync_rank: bool = False, rope_scaling: dict | None = None, stop_words: tuple = (),
+                 device: str | None = None, **kwargs):
         super().__init__(path=path, max_seq_len=max_seq_len, tokenizer_only=tokenizer_only,
                          meta_template=meta_template, generation_kwargs=dict(generation_kwargs or {}),
                          sync_rank=sync_rank)
@@ -111,7 +109,7 @@ class LM2Model(BaseModel):
 
     # -- scoring -----------------------------------------------------------------------------------
 
-    def get_ppl(self, inputs: List[str], mask_length: Optional[List[int]] = None) -> np.ndarray:
+    def get_ppl(self, inputs: list[str], mask_length: list[int] | None = None) -> np.ndarray:
         seqs, cuts = zip(*(self._ids(t) for t in inputs)) if inputs else ((), ())
         nll = token_nll(self.model, seqs, batch_size=max(len(seqs), 1))
         out = []
@@ -125,14 +123,14 @@ class LM2Model(BaseModel):
     def get_ppl_tokenwise(self, inputs, mask_length=None):
         raise NotImplementedError("LM2Model does not implement token-wise ppl; use get_ppl")
 
-    def get_loglikelihood(self, inputs: List[str], conts: List[str]) -> np.ndarray:
+    def get_loglikelihood(self, inputs: list[str], conts: list[str]) -> np.ndarray:
         contexts = [t[: len(t) - len(c)] if c and t.endswith(c) else t.replace(c, "", 1) for t, c in zip(inputs, conts)]
         return -self.get_ppl(inputs, [self.get_token_len(c) for c in contexts])
 
     # -- generation --------------------------------------------------------------------------------
 
-    def generate(self, inputs: List[str], max_out_len: int, min_out_len: Optional[int] = None,
-                 stopping_criteria: List[str] = (), **kwargs) -> List[str]:
+    def generate(self, inputs: list[str], max_out_len: int, min_out_len: int | None = None,
+                 stopping_criteria: list[str] = (), **kwargs) -> list[str]:
         gen = {**self.generation_kwargs, **kwargs}
         temperature = float(gen.get("temperature", 1.0)) if gen.get("do_sample") else 0.0
         prompts = [self._ids(t, reserve=max_out_len)[0] for t in inputs]

@@ -26,9 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 from ..errors import InputError, Lm2Error
 from .ppl import read_jsonl
@@ -359,8 +359,8 @@ def print_table(summary: dict) -> None:
 # The command
 
 
-def run_opencompass(ws, recipe, checkpoint: Optional[Path] = None, *, run: str = "default",
-                    datasets: Optional[Sequence[Path]] = None, configs: Optional[Sequence[str]] = None,
+def run_opencompass(ws, recipe, checkpoint: Path | None = None, *, run: str = "default",
+                    datasets: Sequence[Path] | None = None, configs: Sequence[str] | None = None,
                     name: str = "opencompass", show: bool = True) -> Path:
     """Evaluate a checkpoint with OpenCompass into `eval/<run>/<name>/`; returns that folder."""
     from ..layout import write_manifest

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -201,7 +201,7 @@ class _Budget:
     def __init__(self, max_tokens: int):
         self.max_tokens, self.used = max_tokens, {}
 
-    def take(self, split: str, ids: list[int]) -> Optional[list[int]]:
+    def take(self, split: str, ids: list[int]) -> list[int] | None:
         if not self.max_tokens:
             return ids
         left = self.max_tokens - self.used.get(split, 0)
@@ -292,8 +292,8 @@ def contamination(model, tok, train: Path, test: Path, ref: Path, max_len: int, 
 # The command
 
 
-def run_ppl(ws, recipe, checkpoint: Optional[Path] = None, *, run: str = "default",
-            data: Optional[Sequence[Path]] = None, contamination_sets: Optional[tuple[Path, Path, Path]] = None,
+def run_ppl(ws, recipe, checkpoint: Path | None = None, *, run: str = "default",
+            data: Sequence[Path] | None = None, contamination_sets: tuple[Path, Path, Path] | None = None,
             name: str = "ppl", show: bool = True) -> Path:
     """Score a checkpoint into `eval/<run>/<name>/` (results.json, summary.md, manifest.json)."""
     from ..console import progress

@@ -18,8 +18,8 @@ import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from ..errors import InputError
 
@@ -55,7 +55,7 @@ def _needle(ws, recipe, checkpoint, run) -> dict:
 PARTS: dict[str, Callable] = {"ppl": _ppl, "opencompass": _opencompass, "needle": _needle}
 
 
-def run_suite(ws, recipe, checkpoint: Optional[Path] = None, *, run: str = "default", name: str = "report") -> Path:
+def run_suite(ws, recipe, checkpoint: Path | None = None, *, run: str = "default", name: str = "report") -> Path:
     """Run `recipe.eval.suite` on a checkpoint and write `eval/<run>/<name>/`; returns that folder."""
     from ..console import log, warn
     from ..layout import now_iso, staging_dir, write_manifest
