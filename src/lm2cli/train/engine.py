@@ -109,14 +109,21 @@ def init_distributed() -> Dist:
 
 def relaunch(nproc: int, cli_args: list[str]) -> int:
     """Run `lm2 <cli_args>` as `nproc` local ranks through torch.distributed.run; returns its exit code.
-    SIGTERM/SIGINT are passed on, so the ranks save a checkpoint and stop cleanly."""
+    SIGTERM/SIGINT are passed on, so the ranks save a checkpoint and stop cleanly; after a SIGTERM a
+    failed exit reads 143 (torch.distributed.run itself reports any failed rank as 1)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "lm2cli.train.rank"]
     proc = subprocess.Popen(cmd, env={**clean_env(), "LM2_RANK_ARGV": json.dumps(cli_args)})
-    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        proc.send_signal(signum)
+
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        rc = proc.wait()
+        return 128 + signal.SIGTERM if rc != 0 and signal.SIGTERM in received else rc
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -197,6 +204,9 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, self.schedule),
             config=self.config, dist_init_required=False)
+        if dist.world == 1 and self.zero_stage == 0:
+            # Alone, DeepSpeed would still flatten every gradient and all-reduce it over a world of one.
+            self.ds.enable_backward_allreduce = False
 
     @property
     def model(self):
