@@ -88,6 +88,21 @@ def test_from_refuses_a_wrong_kind_by_name(tokens, tmp_path):
         run_pretrain(ws, recipe, 1, from_=ws.tokens)
 
 
+def test_plan_sets_the_batch_split_and_deepspeed_config(tokens, tmp_path):
+    from lm2cli import plan as planner
+
+    ws = workspace_with_tokens(tokens, tmp_path / "ws")
+    recipe = load_recipe("tiny", TINY_MODEL + ["pretrain.stage1.seq_len=32", "pretrain.stage1.max_steps=2"])
+    layout = planner.best_layout(recipe, planner.detect_cluster(), 1).layout
+    stage = run_pretrain(ws, recipe, 1, plan=True)
+    ds = json.loads((stage / "deepspeed.json").read_text())
+    assert ds["train_micro_batch_size_per_gpu"] == layout.micro_batch
+    assert ds["gradient_accumulation_steps"] == layout.grad_accum
+    assert ds["zero_optimization"]["stage"] == layout.zero_stage
+    rows = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["tokens"] == layout.micro_batch * layout.grad_accum * 32
+
+
 def test_missing_tokens_is_one_clear_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "lm2cli.cli", "pretrain", "--workdir", str(tmp_path / "empty")],
                        capture_output=True, text=True)

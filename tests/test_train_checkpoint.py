@@ -104,6 +104,7 @@ def test_resume_skips_a_truncated_checkpoint_and_matches_the_uninterrupted_run(s
     monkeypatch.setattr(ckpt_mod, "warn", warnings.append)
     assert find_resume(b / "checkpoints") == b / "checkpoints" / "step-00000004"
     assert "step-00000006" in warnings[0] and "truncated" in warnings[0]
+    assert find_resume(b) == b / "checkpoints" / "step-00000004"  # the stage folder works too
     result = run(store, b, resume="auto")
     assert result.resumed_from == b / "checkpoints" / "step-00000004"
     assert losses(b) == losses(a)

@@ -99,7 +99,11 @@ def verify(ckpt: Path) -> Optional[str]:
 
 
 def find_resume(root: Path, quiet: bool = False) -> Optional[Path]:
-    """The newest whole checkpoint under `root` (a stage's `checkpoints/`), skipping broken ones."""
+    """The newest whole checkpoint under `root` (a stage folder or its `checkpoints/`), skipping broken
+    ones with a warning that says why."""
+    root = Path(root)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
     for _, path in reversed(list_steps(root)):
         reason = verify(path)
         if reason is None:

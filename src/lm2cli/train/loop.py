@@ -90,7 +90,8 @@ def fit(
     ds_config: Optional[dict] = None,
     export: Optional[Callable] = None,
 ) -> FitResult:
-    """Train `model` for `cfg.max_steps` optimizer steps into `stage_dir` (see the module docstring).
+    """Train `model` for `cfg.max_steps` optimizer steps into `stage_dir` (see the module docstring);
+    callers that count in epochs turn them into `max_steps` first.
 
     `cfg` is a `TrainConfig`. `resume`: "auto" continues from the newest whole checkpoint in
     `stage_dir/checkpoints` (if any), "never" clears them and starts over, a path resumes from that
