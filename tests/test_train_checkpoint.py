@@ -23,6 +23,7 @@ from lm2cli.train.checkpoint import AsyncCheckpointer, find_resume, list_steps, 
 from lm2cli.train.data import PackedStream
 from lm2cli.train.engine import Engine, init_distributed
 from lm2cli.train.loop import Stopped, fit, lm_loss, read_metrics
+from lm2cli.train.schedule import schedule
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,17 @@ def test_resume_skips_a_truncated_checkpoint_and_matches_the_uninterrupted_run(s
     assert losses(b) == losses(a)
     for k, v in load_file(b / "final" / "model.safetensors").items():
         assert torch.equal(v, weights_a[k]), k
+
+
+def test_a_resumed_run_follows_its_own_schedule(store, tmp_path):
+    stage = tmp_path / "pretrain-stage1"
+    run(store, stage)  # 6 steps
+    longer = dataclasses.replace(CFG, max_steps=10)
+    run(store, stage, cfg=longer)  # resumes at step 6 and goes on to 10
+    rows = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    f = schedule(10, longer.warmup_ratio, longer.min_lr_ratio)
+    assert [r["lr"] for r in rows[6:]] == pytest.approx([longer.lr * f(s) for s in range(6, 10)])
 
 
 def test_a_save_snapshots_and_returns_while_the_writer_works(store, tmp_path, monkeypatch):

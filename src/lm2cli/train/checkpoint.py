@@ -351,6 +351,7 @@ def restore(ckpt: Path, engine, dist) -> tuple[dict, dict]:
                                         load_lr_scheduler_states=True)
     if path is None:
         raise Lm2Error(f"DeepSpeed could not load {ckpt / OPTIM}")
+    engine.follow_config_schedule()
     rng = ckpt / OPTIM / f"rng-rank{dist.rank:05d}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))

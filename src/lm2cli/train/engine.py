@@ -184,7 +184,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, cfg, total_steps: int, dist: Dist, ds_config: Optional[dict] = None):
         import deepspeed
 
-        self.cfg, self.dist = cfg, dist
+        self.cfg, self.dist, self.total_steps = cfg, dist, total_steps
         self.config = dict(ds_config) if ds_config else deepspeed_config(cfg, dist.world)
         expected = (cfg.micro_batch_size, cfg.grad_accum)
         got = (self.config.get("train_micro_batch_size_per_gpu"), self.config.get("gradient_accumulation_steps"))
@@ -207,6 +207,19 @@ class Engine:
         if dist.world == 1 and self.zero_stage == 0:
             # Alone, DeepSpeed would still flatten every gradient and all-reduce it over a world of one.
             self.ds.enable_backward_allreduce = False
+
+    def follow_config_schedule(self) -> None:
+        """After a resume: the LR schedule is this run's (a resumed run may set a new max_steps or lr);
+        with the config unchanged every LR is the one the saved scheduler would have given."""
+        sched = self.scheduler
+        # Loading the saved state rewrote the fields of the schedule object in place: build it anew.
+        self.schedule = schedule(self.total_steps, self.cfg.warmup_ratio, self.cfg.min_lr_ratio)
+        sched.base_lrs = [self.cfg.lr] * len(sched.base_lrs)
+        sched.lr_lambdas = [self.schedule] * len(sched.lr_lambdas)
+        lrs = [base * self.schedule(sched.last_epoch) for base in sched.base_lrs]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     @property
     def model(self):
