@@ -207,8 +207,9 @@ def pretrain(
                               "checkpointing from `lm2 plan`'s fastest layout that fits."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Pretrain the InternLM2 architecture with DeepSpeed; writes runs/<run>/pretrain-stage<N>/ (checkpoints/
-    step-XXXXXXXX/ with a DONE marker, metrics.jsonl, loss.png, final/ in HF format, manifest.json)."""
+    """Pretrain the InternLM2 architecture with DeepSpeed; writes runs/<run>/pretrain-stage<N>/
+    (checkpoints/step-XXXXXXXX/ each with a DONE marker, metrics.jsonl, loss.png, final/ in HF format,
+    manifest.json)."""
     from .layout import Workspace
     from .pretrain import run_pretrain
 
