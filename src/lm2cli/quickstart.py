@@ -43,6 +43,13 @@ def _eval(ws: Workspace, recipe) -> Path:
     return run_suite(ws, recipe)
 
 
+def _sft(ws: Workspace, recipe) -> Path:
+    """Fine-tune the latest pretrained model on the bundled chat data (examples/sft/)."""
+    from .sft import run_sft
+
+    return run_sft(ws, recipe)
+
+
 def _prepare(ws, recipe):
     """Train the bundled ad/fluency/toxic classifiers, then run `lm2 prepare` on the examples corpus."""
     from .config import examples_dir
@@ -60,6 +67,7 @@ def _steps():
     steps = [("prepare", _prepare)]
     steps += [("build-vocab", _build_vocab), ("tokenize", _tokenize)]
     steps += [(f"pretrain-stage{n}", _pretrain(n)) for n in (1, 2, 3)]
+    steps += [("sft", _sft)]
     steps += [("eval", _eval)]  # last: it evaluates whatever the run trained
     return steps
 
