@@ -36,18 +36,32 @@ def _pretrain(stage: int):
     return step
 
 
-def _eval(ws: Workspace, recipe) -> Path:
-    """The default eval suite on the run's latest model: ppl, the example OpenCompass tasks, a small needle grid."""
-    from .evaluate.suite import run_suite
-
-    return run_suite(ws, recipe)
-
-
 def _sft(ws: Workspace, recipe) -> Path:
     """Fine-tune the latest pretrained model on the bundled chat data (examples/sft/)."""
     from .sft import run_sft
 
     return run_sft(ws, recipe)
+
+
+def _rlhf_reward(ws: Workspace, recipe) -> Path:
+    """The conditional reward model from the SFT model, on the bundled pairs (examples/rlhf/pairs.jsonl)."""
+    from .align.run import run_reward
+
+    return run_reward(ws, recipe)
+
+
+def _rlhf_ppo(ws: Workspace, recipe) -> Path:
+    """PPO of the SFT model against that reward model, on the bundled prompts (examples/rlhf/prompts.jsonl)."""
+    from .align.run import run_ppo
+
+    return run_ppo(ws, recipe)
+
+
+def _eval(ws: Workspace, recipe) -> Path:
+    """The default eval suite on the run's latest model: ppl, the example OpenCompass tasks, a small needle grid."""
+    from .evaluate.suite import run_suite
+
+    return run_suite(ws, recipe)
 
 
 def _prepare(ws, recipe):
@@ -68,6 +82,7 @@ def _steps():
     steps += [("build-vocab", _build_vocab), ("tokenize", _tokenize)]
     steps += [(f"pretrain-stage{n}", _pretrain(n)) for n in (1, 2, 3)]
     steps += [("sft", _sft)]
+    steps += [("rlhf-reward", _rlhf_reward), ("rlhf-ppo", _rlhf_ppo)]
     steps += [("eval", _eval)]  # last: it evaluates whatever the run trained
     return steps
 

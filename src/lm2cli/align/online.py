@@ -12,7 +12,8 @@ The fast path compares the round's early PPO responses (the critic warm-up and t
 actor iterations) with its late ones (the last `window`). A pattern is a length blow-up (late mean
 length ≥ `length_ratio` × early) or repetition (late repeated-3-gram share ≥ early + `repetition_delta`).
 For a pattern present in the round, every prompt answered both early (without the pattern) and late
-(with it) gives a pair where the early response beats the late one; 20–100 per pattern are kept
+(with it) gives a pair where the early response beats the late one (of the early answers without the
+pattern, the most similar: the longest, least repetitive); 20–100 per pattern are kept
 (InternLM2: "20–100 pairs per pattern are enough"), fewer than `patch_pairs_min` patch nothing.
 Every round restarts PPO from the SFT policy, so rounds differ only in their reward model.
 When all rounds are done, rlhf-ppo/final/ is the last round's actor and rlhf-ppo/manifest.json
@@ -85,7 +86,10 @@ def patch_pairs(early: list[dict], late: list[dict], prompts: dict[int, dict], f
             if clean:
                 used.add(lr["line"])
                 rec = prompts[lr["line"]]
-                cands.append({"condition": lr["condition"], "prompt": rec["prompt"], "chosen": clean[0]["response"],
+                # The early answer most like the late one (longest, least repetitive) that lacks the pattern:
+                # the pair then teaches the pattern itself, not some other difference.
+                best = max(clean, key=lambda er: (er["tokens"], -er["repetition"]))
+                cands.append({"condition": lr["condition"], "prompt": rec["prompt"], "chosen": best["response"],
                               "rejected": lr["response"], "source": f"fast-path round {round_no}: {pattern}"})
         counts[pattern] = len(cands)
         if len(cands) >= cfg.patch_pairs_min:

@@ -1,0 +1,307 @@
+"""Demonstration: COOL RLHF on a tiny InternLM2 — a conditional reward model, PPO, and an online round.
+
+    python examples/rlhf_demo.py                   # ~10 min on 2 CPU cores; workspace in /tmp/lm2-rlhf-demo
+    python examples/rlhf_demo.py --workdir DIR --quick
+
+The task: "What is a + b?" (a, b in 1..9). An answer is either *brief* ("7") or *detailed* ("We compute
+3 + 4. 3 + 4 = 7. The answer is 7.", optionally with 1–2 "Check: 7 - 4 = 3." sentences). Every check
+is programmatic (lm2cli/align/gold.py), so each number below is verifiable.
+
+Steps, each a plain lm2 command on files this script writes:
+  0. a random-init 2-layer d=64 InternLM2 and a 768-token vocabulary (no pretraining: the task is small);
+     `lm2 sft --from BASE` on conversations whose answer style is a coin flip, whatever the system
+     prompt says: the SFT policy knows both styles but ignores the condition.
+  1. COOL reward model: `lm2 rlhf reward` on conflicting pairs — under `brief` the bare result beats
+     the working, under `detailed` the opposite; the prompt itself is the same. Held-out accuracy per
+     condition, and the same run with `rlhf.reward.use_conditions=false` (the report's ablation).
+  2. `lm2 rlhf ppo` with that reward model on prompts whose system turn states the condition; the gold
+     reward is "correct answer in the requested style". Gold per condition before/after, KL to the
+     reference.
+  3. Reward hacking: a reward model trained only on "working beats a bare answer" and "one check beats
+     none" extrapolates to "more is better"; PPO pads answers with a second check, past the gold
+     reward's 20-word budget. `lm2 rlhf online --rounds 2`: the fast path turns the round's early-vs-late
+     length blow-up into early-beats-late pairs, the retrained reward model stops paying for padding.
+Writes examples/results/rlhf_demo.json (numbers and commands) and rlhf_demo.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from lm2cli.synthetic import CONDITION_PROMPTS
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CONDS = ("brief", "detailed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def brief(a: int, b: int) -> str:
+    return str(a + b)
+
+
+def detailed(a: int, b: int, checks: int = 0) -> str:
+    v = a + b
+    return f"We compute {a} + {b}. {a} + {b} = {v}." + f" Check: {v} - {b} = {a}." * checks + f" The answer is {v}."
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def sft_chats(rng: random.Random, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        a, b, cond = rng.randint(1, 9), rng.randint(1, 9), rng.choice(CONDS)
+        answer = brief(a, b) if rng.random() < 0.5 else detailed(a, b, rng.randint(0, 2))
+        out.append({"messages": [{"role": "system", "content": CONDITION_PROMPTS[cond]},
+                                 {"role": "user", "content": question(a, b)},
+                                 {"role": "assistant", "content": answer}]})
+    return out
+
+
+def cool_pairs(rng: random.Random, n: int) -> list[dict]:
+    """The conflicting preference: the condition alone decides which of the two wins."""
+    out = []
+    for i in range(n):
+        a, b, cond = rng.randint(1, 9), rng.randint(1, 9), CONDS[i % 2]
+        short, long_ = brief(a, b), detailed(a, b, rng.randint(0, 2))
+        chosen, rejected = (short, long_) if cond == "brief" else (long_, short)
+        out.append({"condition": cond, "prompt": [{"role": "user", "content": question(a, b)}],
+                    "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def hackable_pairs(rng: random.Random, n: int) -> list[dict]:
+    """Only "working beats a bare answer" and "one check beats none": nothing about two checks."""
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        if i % 2:
+            chosen, rejected = detailed(a, b, rng.randint(0, 1)), brief(a, b)
+        else:
+            chosen, rejected = detailed(a, b, 1), detailed(a, b, 0)
+        out.append({"condition": "detailed", "prompt": [{"role": "user", "content": question(a, b)}],
+                    "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def prompts(rng: random.Random, n: int, conds=CONDS, max_words: int | None = None) -> list[dict]:
+    out = []
+    for i in range(n):
+        a, b, cond = rng.randint(1, 9), rng.randint(1, 9), conds[i % len(conds)]
+        gold = {"answer": str(a + b), "style": cond}
+        if max_words:
+            gold["max_words"] = max_words
+        out.append({"condition": cond, "prompt": [{"role": "system", "content": CONDITION_PROMPTS[cond]},
+                                                  {"role": "user", "content": question(a, b)}], "gold": gold})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# The base model and the demo recipe
+
+
+def make_base(path: Path) -> Path:
+    """A random-init 2-layer d=64 InternLM2 with a 768-token vocabulary, as a checkpoint folder."""
+    import torch
+
+    from lm2cli.config import ModelConfig, TokenizerConfig
+    from lm2cli.layout import write_manifest
+    from lm2cli.model import InternLM2, save_model
+    from lm2cli.tokenizer import build_vocab
+
+    tok, _ = build_vocab(TokenizerConfig(n_en=400, n_zh=0, n_spare=17), Counter())
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    model = InternLM2(cfg)
+    save_model(model, path, tokenizer=tok)
+    write_manifest(path, "checkpoint", config=cfg, stage="random-init")
+    return path
+
+
+def demo_recipe(path: Path, quick: bool) -> Path:
+    """tiny.yaml with the demo's sizes (a recipe is plain YAML: no inheritance, so it is written out)."""
+    recipe = yaml.safe_load((HERE.parent / "recipes" / "tiny.yaml").read_text())
+    recipe["name"] = "rlhf-demo"
+    recipe["sft"] = {"max_len": 256, "train": {"seq_len": 256, "micro_batch_size": 8, "epochs": 2.0 if quick else 4.0,
+                                                "lr": 3.0e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1,
+                                                "weight_decay": 0.01, "save_every": 1000, "eval_every": 1000}}
+    recipe["rlhf"] = {
+        "reward": {"tokens_per_batch": 2048, "held_out_fraction": 0.1,
+                   "train": {"seq_len": 256, "epochs": 1.0, "lr": 1.0e-3, "min_lr_ratio": 0.5, "warmup_ratio": 0.05,
+                             "weight_decay": 0.01, "save_every": 1000, "eval_every": 1000}},
+        "ppo": {"iterations": 15 if quick else 25, "prompts_per_iteration": 32, "max_prompt_len": 64,
+                "max_new_tokens": 64, "critic_warmup": 5, "actor_lr": 5.0e-4, "critic_lr": 5.0e-4, "minibatches": 2,
+                "kl_coef": 0.01, "ptx_coef": 0.5, "ptx_batch_size": 4, "ptx_seq_len": 128, "save_every": 1000},
+        "online": {"rounds": 2, "patch_pairs_min": 20, "patch_pairs_max": 100},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running and reading
+
+
+def lm2(*args, log: list) -> None:
+    cmd = ["lm2", *map(str, args)]
+    log.append(" ".join(shlex.quote(c) for c in cmd))
+    print("$", log[-1], flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def window(rows: list[dict], key: str, first: bool, n: int = 5) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    vals = vals[:n] if first else vals[-n:]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def ppo_summary(rows: list[dict]) -> dict:
+    out = {}
+    for key in ["reward_mean", "gold_mean", "kl", "response_len"] + [f"gold/{c}" for c in CONDS]:
+        out[key] = {"first5": window(rows, key, True), "last5": window(rows, key, False)}
+    out["kl_max"] = round(max(r["kl"] for r in rows), 3)
+    return out
+
+
+def plot(res: dict, ppo_rows: list[dict], online_rows: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
+    ax = axes[0]
+    x = range(len(CONDS) + 1)
+    acc = {k: [res["reward"][k]["per_condition"][c]["accuracy"] for c in CONDS] + [res["reward"][k]["accuracy"]]
+           for k in ("conditional", "no_condition")}
+    ax.bar([i - 0.2 for i in x], acc["conditional"], 0.4, label="with condition prompt")
+    ax.bar([i + 0.2 for i in x], acc["no_condition"], 0.4, label="without (ablation)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(list(x), [*CONDS, "all"])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("reward model: held-out accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+
+    ax = axes[1]
+    its = [r["iteration"] for r in ppo_rows]
+    for c in CONDS:
+        ax.plot(its, [r.get(f"gold/{c}") for r in ppo_rows], label=f"gold, {c}")
+    ax2 = ax.twinx()
+    ax2.plot(its, [r["kl"] for r in ppo_rows], color="grey", lw=0.8, label="KL (nats/response)")
+    ax2.set_ylabel("KL to reference")
+    ax.set_title("PPO with the conditional RM")
+    ax.set_xlabel("iteration")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right", fontsize=8)
+
+    ax = axes[2]
+    for n, rows in online_rows.items():
+        ax.plot([r["iteration"] for r in rows], [r["response_len"] for r in rows], label=f"round {n}: length")
+    ax3 = ax.twinx()
+    for n, rows in online_rows.items():
+        ax3.plot([r["iteration"] for r in rows], [r["gold_mean"] for r in rows], ls=":", label=f"round {n}: gold")
+    ax3.set_ylim(0, 1.05)
+    ax3.set_ylabel("gold reward (dotted)")
+    ax.set_title("hackable RM: online round 1 vs 2")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("response length (tokens)")
+    ax.legend(loc="upper left", fontsize=8)
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lm2-rlhf-demo"))
+    ap.add_argument("--quick", action="store_true", help="fewer SFT epochs and PPO iterations (a smoke run)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    ws = args.workdir.resolve()
+    shutil.rmtree(ws, ignore_errors=True)
+    data = ws / "data"
+    rng = random.Random(0)
+    write_jsonl(data / "sft.jsonl", sft_chats(rng, 2500))
+    write_jsonl(data / "cool_pairs.jsonl", cool_pairs(rng, 800))
+    write_jsonl(data / "prompts.jsonl", prompts(rng, 256))
+    write_jsonl(data / "hack_pairs.jsonl", hackable_pairs(rng, 400))
+    write_jsonl(data / "hack_prompts.jsonl", prompts(rng, 256, conds=("detailed",), max_words=20))
+    base = make_base(ws / "base")
+    recipe = demo_recipe(ws / "rlhf_demo.yaml", args.quick)
+    common = ["--workdir", ws, "--recipe", recipe]
+    log: list[str] = []
+
+    lm2("sft", "--from", base, "--data", data / "sft.jsonl", "--eval-data", "none", *common, log=log)
+    lm2("rlhf", "reward", "--data", data / "cool_pairs.jsonl", *common, log=log)
+    lm2("rlhf", "reward", "--data", data / "cool_pairs.jsonl", "--run", "no-condition",
+        "--from", ws / "runs" / "default" / "sft", "--set", "rlhf.reward.use_conditions=false", *common, log=log)
+    lm2("rlhf", "ppo", "--data", data / "prompts.jsonl", "--ptx", data / "sft.jsonl", *common, log=log)
+    lm2("rlhf", "online", "--rounds", 2, "--run", "hack", "--from", ws / "runs" / "default" / "sft",
+        "--data", data / "hack_pairs.jsonl", "--prompts", data / "hack_prompts.jsonl", "--ptx", data / "sft.jsonl",
+        *common, log=log)
+
+    runs = ws / "runs"
+    ppo_rows = metrics(runs / "default" / "rlhf-ppo")
+    online = manifest(runs / "hack" / "rlhf-ppo")["stats"]["rounds"]
+    online_rows = {r["round"]: metrics(runs / "hack" / "rlhf-ppo" / f"round-{r['round']}") for r in online}
+    res = {
+        "reward": {"conditional": manifest(runs / "default" / "rlhf-reward")["stats"]["eval"],
+                   "no_condition": manifest(runs / "no-condition" / "rlhf-reward")["stats"]["eval"]},
+        "ppo": ppo_summary(ppo_rows),
+        "online": [{"round": r["round"], "reward_accuracy": r["reward_accuracy"], "patterns": r["patterns"],
+                    "candidates": r["candidates"], "pairs_added": r["pairs_added"],
+                    **{k: v for k, v in ppo_summary(online_rows[r["round"]]).items()
+                       if k in ("gold_mean", "response_len", "reward_mean", "kl")}} for r in online],
+        "commands": log,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "setup": "random-init 2-layer d=64 InternLM2, 768-token vocabulary, SFT on 3000 coin-flip-style chats "
+                 "(no pretraining); see the module docstring",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rlhf_demo.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, ppo_rows, online_rows, args.out / "rlhf_demo.png")
+    print(json.dumps({k: res[k] for k in ("reward", "ppo", "online", "seconds")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
