@@ -5,7 +5,6 @@ like 1 rank."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from lm2cli.errors import InputError, WrongArtefact
 from lm2cli.layout import read_manifest
 from lm2cli.model import load_model
 from lm2cli.pretrain import run_pretrain
+from lm2cli.train.engine import clean_env
 from lm2cli.train.loop import read_metrics
 
 
@@ -120,9 +120,7 @@ DIST = TINY_MODEL + ["pretrain.stage1.seq_len=64", "pretrain.stage1.max_steps=30
 
 
 def _run(ws, *extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "LM2_SOLO_RANK")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "lm2cli.cli", "pretrain", "--workdir", str(ws.root), *extra]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]

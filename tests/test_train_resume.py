@@ -17,6 +17,7 @@ from _train_ws import TINY_MODEL, build_tokens, workspace_with_tokens
 from safetensors.torch import load_file
 
 from lm2cli.train.checkpoint import verify
+from lm2cli.train.engine import clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +33,7 @@ def tokens(tmp_path_factory):
 
 
 def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT", "LM2_SOLO_RANK")}
-    e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    return e
+    return {**clean_env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
 def pretrain_cmd(ws, max_steps: int, *extra: str) -> list[str]:
