@@ -122,13 +122,15 @@ def _snapshot(engine) -> dict:
 
 
 def run_rank(a: dict) -> dict:
-    import deepspeed
     import torch
 
     from lm2cli.config import ModelConfig, TrainConfig, load_recipe
     from lm2cli.plan import ModelShape, deepspeed_config, recipe_vocab
+    from lm2cli.train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    # lm2's own join: gloo without DeepSpeed's shm allreduce op, which a fresh machine would first
+    # JIT-compile (minutes, and a hang when a rank has no compiler).
+    init_distributed()
     torch.manual_seed(0)
     recipe = load_recipe(a["recipe"])
     cfg = ModelConfig(**{**vars(recipe.model), "vocab_size": recipe_vocab(recipe)})
@@ -227,21 +229,30 @@ def launch(stage: int, world: int, recipe: str = "tiny", seq_len: int = 128, mic
                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "LM2_PLAN_BENCH": json.dumps(args),
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        # Files, not pipes: a rank blocked on a full pipe while its peer waits in a collective deadlocks.
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        procs.append((subprocess.Popen([sys.executable, __file__, "--worker"], env=env, stdout=out, stderr=err,
+                                       text=True), out, err))
     results, errors = [], []
-    for p in procs:
+    deadline = time.monotonic() + timeout
+    for p, out, err in procs:
         try:
-            out, err = p.communicate(timeout=timeout)
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for q in procs:
+            for q, *_ in procs:
                 q.kill()
-            raise RuntimeError(f"ZeRO-{stage} world {world}: timed out after {timeout:.0f} s")
-        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+            err.seek(0)
+            raise RuntimeError(f"ZeRO-{stage} world {world}: timed out after {timeout:.0f} s; "
+                               f"rank stderr tail: {err.read()[-2000:]}")
+        out.seek(0)
+        err.seek(0)
+        lines = [l for l in out.read().splitlines() if l.startswith("RESULT ")]
         if p.returncode or not lines:
-            errors.append(err.strip().splitlines()[-5:])
+            errors.append(err.read().strip().splitlines()[-5:])
         else:
             results.append(json.loads(lines[-1][7:]))
+        out.close()
+        err.close()
     if errors:
         raise RuntimeError(f"ZeRO-{stage} world {world} failed: {errors}")
     return sorted(results, key=lambda r: r["rank"])
