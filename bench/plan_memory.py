@@ -224,35 +224,34 @@ def launch(stage: int, world: int, recipe: str = "tiny", seq_len: int = 128, mic
             "grad_accum": grad_accum, "steps": steps, "precision": precision, "profile": profile}
     port = str(_free_port())
     procs = []
-    for rank in range(world):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "LM2_PLAN_BENCH": json.dumps(args),
-               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-        # Files, not pipes: a rank blocked on a full pipe while its peer waits in a collective deadlocks.
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker"], env=env, stdout=out, stderr=err,
-                                       text=True), out, err))
     results, errors = [], []
-    deadline = time.monotonic() + timeout
-    for p, out, err in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q, *_ in procs:
-                q.kill()
+    with contextlib.ExitStack() as files:
+        for rank in range(world):
+            env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "LM2_PLAN_BENCH": json.dumps(args),
+                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+            # Files, not pipes: a rank blocked on a full pipe while its peer waits in a collective deadlocks.
+            out, err = (files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            procs.append((subprocess.Popen([sys.executable, __file__, "--worker"], env=env, stdout=out,
+                                           stderr=err, text=True), out, err))
+        deadline = time.monotonic() + timeout
+        for p, out, err in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q, *_ in procs:
+                    q.kill()
+                err.seek(0)
+                raise RuntimeError(f"ZeRO-{stage} world {world}: timed out after {timeout:.0f} s; "
+                                   f"rank stderr tail: {err.read()[-2000:]}") from None
+            out.seek(0)
             err.seek(0)
-            raise RuntimeError(f"ZeRO-{stage} world {world}: timed out after {timeout:.0f} s; "
-                               f"rank stderr tail: {err.read()[-2000:]}")
-        out.seek(0)
-        err.seek(0)
-        lines = [l for l in out.read().splitlines() if l.startswith("RESULT ")]
-        if p.returncode or not lines:
-            errors.append(err.read().strip().splitlines()[-5:])
-        else:
-            results.append(json.loads(lines[-1][7:]))
-        out.close()
-        err.close()
+            lines = [line for line in out.read().splitlines() if line.startswith("RESULT ")]
+            if p.returncode or not lines:
+                errors.append(err.read().strip().splitlines()[-5:])
+            else:
+                results.append(json.loads(lines[-1][7:]))
     if errors:
         raise RuntimeError(f"ZeRO-{stage} world {world} failed: {errors}")
     return sorted(results, key=lambda r: r["rank"])

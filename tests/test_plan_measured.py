@@ -20,7 +20,7 @@ def _bench():
 @pytest.mark.parametrize("stage", [0, 3])
 def test_model_states_within_15_percent_on_two_ranks(stage):
     bench = _bench()
-    ranks = bench.launch(stage, world=2, recipe="tiny", seq_len=64, micro_batch=2, steps=2, timeout=900, profile=False)  # generous: gloo start-up on a loaded 2-core box
+    ranks = bench.launch(stage, world=2, recipe="tiny", seq_len=64, micro_batch=2, steps=2, timeout=600, profile=False)  # generous: a loaded 2-core box
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:
         row = bench.compare(r, "tiny", seq_len=64, micro_batch=2)

@@ -87,6 +87,20 @@ def _steps():
     return steps
 
 
+def _losses(artefact: Path) -> dict:
+    """A training stage's loss at its start and end (eval on fixed held-out batches, and train), so the
+    summary shows each stage learning; empty for artefacts that are not training stages."""
+    import json
+
+    try:
+        stats = json.loads((Path(artefact) / "manifest.json").read_text()).get("stats", {})
+    except (OSError, ValueError):
+        return {}
+    pairs = {"eval_loss": ("first_eval_loss", "eval_loss"), "loss": ("first_loss", "final_loss")}
+    return {name: [stats[a], stats[b]] for name, (a, b) in pairs.items()
+            if isinstance(stats.get(a), (int, float)) and isinstance(stats.get(b), (int, float))}
+
+
 def run_quickstart(workdir, recipe_name: str, overrides: list[str], fresh: bool = True, json_out: bool = False) -> dict:
     ws = Workspace.at(workdir)
     recipe = load_recipe(recipe_name, overrides)
@@ -99,13 +113,16 @@ def run_quickstart(workdir, recipe_name: str, overrides: list[str], fresh: bool 
         t0 = time.perf_counter()
         log(f"== quickstart: {name}")
         path = step(ws, recipe)
-        summary["stages"].append({"stage": name, "artefact": str(Path(path)), "seconds": round(time.perf_counter() - t0, 1)})
+        summary["stages"].append({"stage": name, "artefact": str(Path(path)), "seconds": round(time.perf_counter() - t0, 1),
+                                  **_losses(path)})
         log(f"== {name} -> {path} ({time.perf_counter() - t0:.1f}s)")
     summary["seconds"] = round(time.perf_counter() - t_all, 1)
     if json_out:
         print_json(summary)
     else:
         for s in summary["stages"]:
-            log(f"{s['stage']:<18} {s['artefact']}")
+            losses = "".join(f"  {k} {a:.3f} -> {b:.3f}" for k, (a, b) in
+                             ((k, s[k]) for k in ("eval_loss", "loss") if k in s))
+            log(f"{s['stage']:<18} {s['artefact']}  ({s['seconds']:.0f}s){losses}")
         log(f"quickstart finished in {summary['seconds']}s; see `lm2 status --workdir {ws.root}`")
     return summary
