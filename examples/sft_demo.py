@@ -126,8 +126,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=6000)
     ap.add_argument("--test", type=int, default=200)
     # A nano model forms the attention circuit that copies from the prompt after ~100-150 steps of this
-    # data; 2.5 epochs at 2e-3 leave room to learn the reversal on top (SPEC §10 allows a higher LR).
-    ap.add_argument("--epochs", type=float, default=2.5)
+    # data; 4 epochs at 2e-3 leave room to learn the reversal on top (SPEC §10 allows a higher LR). At 2.5
+    # epochs it reached 88.5 %, its misses all in 5-word reversals (one word swapped or repeated).
+    ap.add_argument("--epochs", type=float, default=4.0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
