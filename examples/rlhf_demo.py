@@ -1,6 +1,6 @@
 """Demonstration: COOL RLHF on a tiny InternLM2 — a conditional reward model, PPO, and an online round.
 
-    python examples/rlhf_demo.py                   # ~10 min on 2 CPU cores; workspace in /tmp/lm2-rlhf-demo
+    python examples/rlhf_demo.py                   # ~5.5 min on 2 CPU cores; workspace in /tmp/lm2-rlhf-demo
     python examples/rlhf_demo.py --workdir DIR --quick
 
 The task: "What is a + b?" (a, b in 1..9). An answer is either *brief* ("7") or *detailed* ("We compute
@@ -17,10 +17,12 @@ Steps, each a plain lm2 command on files this script writes:
   2. `lm2 rlhf ppo` with that reward model on prompts whose system turn states the condition; the gold
      reward is "correct answer in the requested style". Gold per condition before/after, KL to the
      reference.
-  3. Reward hacking: a reward model trained only on "working beats a bare answer" and "one check beats
-     none" extrapolates to "more is better"; PPO pads answers with a second check, past the gold
-     reward's 20-word budget. `lm2 rlhf online --rounds 2`: the fast path turns the round's early-vs-late
-     length blow-up into early-beats-late pairs, the retrained reward model stops paying for padding.
+  3. Reward hacking: a reward model trained on pairs with a mild taste for thoroughness (working beats
+     a bare answer, one check beats none, and in a fifth of the pairs two checks beat one) scores two
+     checks highest; PPO pads the answers with a second check, past the gold reward's 20-word budget
+     (one check fits). `lm2 rlhf online --rounds 2`: the fast path turns round 1's early-vs-late length
+     (and repetition) blow-up into early-beats-late pairs; round 2's reward model stops paying for
+     padding, and its PPO run stays within the budget.
 Writes examples/results/rlhf_demo.json (numbers and commands) and rlhf_demo.png.
 """
 
@@ -87,14 +89,18 @@ def cool_pairs(rng: random.Random, n: int) -> list[dict]:
 
 
 def hackable_pairs(rng: random.Random, n: int) -> list[dict]:
-    """Only "working beats a bare answer" and "one check beats none": nothing about two checks."""
+    """Labels with a mild taste for thoroughness: working beats a bare answer (40%), one check beats none
+    (40%) and, in a fifth of the pairs, two checks beat one. Nothing in them is wrong as a comparison, but
+    the reward model's best answer is now two checks, which is over the gold reward's word budget."""
     out = []
-    for i in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        if i % 2:
+    for _ in range(n):
+        a, b, u = rng.randint(1, 9), rng.randint(1, 9), rng.random()
+        if u < 0.4:
             chosen, rejected = detailed(a, b, rng.randint(0, 1)), brief(a, b)
-        else:
+        elif u < 0.8:
             chosen, rejected = detailed(a, b, 1), detailed(a, b, 0)
+        else:
+            chosen, rejected = detailed(a, b, 2), detailed(a, b, 1)
         out.append({"condition": "detailed", "prompt": [{"role": "user", "content": question(a, b)}],
                     "chosen": chosen, "rejected": rejected})
     return out
@@ -153,9 +159,12 @@ def demo_recipe(path: Path, quick: bool) -> Path:
         "reward": {"tokens_per_batch": 2048, "held_out_fraction": 0.1,
                    "train": {"seq_len": 256, "epochs": 1.0, "lr": 1.0e-3, "min_lr_ratio": 0.5, "warmup_ratio": 0.05,
                              "weight_decay": 0.01, "save_every": 1000, "eval_every": 1000}},
-        "ppo": {"iterations": 15 if quick else 25, "prompts_per_iteration": 32, "max_prompt_len": 64,
-                "max_new_tokens": 64, "critic_warmup": 5, "actor_lr": 5.0e-4, "critic_lr": 5.0e-4, "minibatches": 2,
-                "kl_coef": 0.01, "ptx_coef": 0.5, "ptx_batch_size": 4, "ptx_seq_len": 128, "save_every": 1000},
+        # 128 prompts per iteration and actor LR 2e-4: with 32 prompts at 5e-4 the (unwhitened) advantages
+        # were so noisy that Adam's steps eroded the arithmetic faster than PPO learnt the style (gold fell
+        # 0.49 -> 0.37 while the RM score rose). KL 0.02 keeps the policy near the reference meanwhile.
+        "ppo": {"iterations": 15 if quick else 30, "prompts_per_iteration": 128, "max_prompt_len": 64,
+                "max_new_tokens": 64, "critic_warmup": 5, "actor_lr": 2.0e-4, "critic_lr": 5.0e-4, "minibatches": 4,
+                "kl_coef": 0.02, "ptx_coef": 0.5, "ptx_batch_size": 4, "ptx_seq_len": 128, "save_every": 1000},
         "online": {"rounds": 2, "patch_pairs_min": 20, "patch_pairs_max": 100},
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -189,6 +198,32 @@ def window(rows: list[dict], key: str, first: bool, n: int = 5) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def gold_by_check(stage: Path, prompts_path: Path, n: int = 5) -> tuple[dict, dict[int, float]]:
+    """From a PPO stage's rollouts, re-checked with the gold checker: the share of responses passing each
+    gold check per condition over the first and last `n` iterations, and the share over the word budget
+    (the hack) per iteration."""
+    from lm2cli.align.gold import gold_checks
+
+    golds = {i: json.loads(x).get("gold") for i, x in enumerate(prompts_path.read_text().splitlines(), 1) if x.strip()}
+    rows = [json.loads(x) for x in (stage / "rollouts.jsonl").read_text().splitlines() if x.strip()]
+    last = max(r["iteration"] for r in rows)
+    windows = {"first5": range(1, n + 1), "last5": range(last - n + 1, last + 1)}
+    counts: dict = {}
+    over: dict[int, list[bool]] = {}
+    for r in rows:
+        checks = gold_checks(golds[r["line"]] or {}, r["response"])
+        if "max_words" in checks:
+            over.setdefault(r["iteration"], []).append(not checks["max_words"])
+        for w, its in windows.items():
+            if r["iteration"] in its:
+                for name, ok in checks.items():
+                    c = counts.setdefault(r["condition"], {}).setdefault(name, {}).setdefault(w, [0, 0])
+                    c[0], c[1] = c[0] + ok, c[1] + 1
+    shares = {cond: {name: {w: round(k / m, 3) for w, (k, m) in ws.items()} for name, ws in checks.items()}
+              for cond, checks in sorted(counts.items())}
+    return shares, {it: sum(v) / len(v) for it, v in sorted(over.items())}
+
+
 def ppo_summary(rows: list[dict]) -> dict:
     out = {}
     for key in ["reward_mean", "gold_mean", "kl", "response_len"] + [f"gold/{c}" for c in CONDS]:
@@ -197,7 +232,7 @@ def ppo_summary(rows: list[dict]) -> dict:
     return out
 
 
-def plot(res: dict, ppo_rows: list[dict], online_rows: dict, png: Path) -> None:
+def plot(res: dict, ppo_rows: list[dict], online_rows: dict, online_over: dict, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,20 +261,19 @@ def plot(res: dict, ppo_rows: list[dict], online_rows: dict, png: Path) -> None:
     ax.set_title("PPO with the conditional RM")
     ax.set_xlabel("iteration")
     ax.set_ylim(0, 1.05)
-    ax.legend(loc="lower right", fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
 
     ax = axes[2]
-    for n, rows in online_rows.items():
-        ax.plot([r["iteration"] for r in rows], [r["response_len"] for r in rows], label=f"round {n}: length")
-    ax3 = ax.twinx()
-    for n, rows in online_rows.items():
-        ax3.plot([r["iteration"] for r in rows], [r["gold_mean"] for r in rows], ls=":", label=f"round {n}: gold")
-    ax3.set_ylim(0, 1.05)
-    ax3.set_ylabel("gold reward (dotted)")
-    ax.set_title("hackable RM: online round 1 vs 2")
+    for (n, rows), color in zip(online_rows.items(), ("tab:red", "tab:green")):
+        over = online_over[n]
+        ax.plot(list(over), list(over.values()), color=color, label=f"round {n}: share over the word budget")
+        ax.plot([r["iteration"] for r in rows], [r["gold_mean"] for r in rows], color=color, ls=":",
+                label=f"round {n}: gold")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("hackable RM: online round 1 vs 2 (fast-path patch)")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("response length (tokens)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="center right", fontsize=7)
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -282,24 +316,32 @@ def main() -> None:
 
     runs = ws / "runs"
     ppo_rows = metrics(runs / "default" / "rlhf-ppo")
+    ppo_checks, _ = gold_by_check(runs / "default" / "rlhf-ppo", data / "prompts.jsonl")
     online = manifest(runs / "hack" / "rlhf-ppo")["stats"]["rounds"]
-    online_rows = {r["round"]: metrics(runs / "hack" / "rlhf-ppo" / f"round-{r['round']}") for r in online}
+    rounds = {r["round"]: runs / "hack" / "rlhf-ppo" / f"round-{r['round']}" for r in online}
+    online_rows = {n: metrics(d) for n, d in rounds.items()}
+    online_checks = {n: gold_by_check(d, data / "hack_prompts.jsonl") for n, d in rounds.items()}
+    online_over = {n: c[1] for n, c in online_checks.items()}
     res = {
         "reward": {"conditional": manifest(runs / "default" / "rlhf-reward")["stats"]["eval"],
                    "no_condition": manifest(runs / "no-condition" / "rlhf-reward")["stats"]["eval"]},
-        "ppo": ppo_summary(ppo_rows),
+        "ppo": {**ppo_summary(ppo_rows), "gold_checks": ppo_checks},
         "online": [{"round": r["round"], "reward_accuracy": r["reward_accuracy"], "patterns": r["patterns"],
                     "candidates": r["candidates"], "pairs_added": r["pairs_added"],
+                    # the hack: the share of responses longer than the gold reward's word budget
+                    "over_budget": {w: round(1 - ok, 3) for w, ok in
+                                    online_checks[r["round"]][0]["detailed"]["max_words"].items()},
+                    "gold_checks": online_checks[r["round"]][0]["detailed"],
                     **{k: v for k, v in ppo_summary(online_rows[r["round"]]).items()
                        if k in ("gold_mean", "response_len", "reward_mean", "kl")}} for r in online],
         "commands": log,
         "seconds": round(time.perf_counter() - t_start, 1),
-        "setup": "random-init 2-layer d=64 InternLM2, 768-token vocabulary, SFT on 3000 coin-flip-style chats "
+        "setup": "random-init 2-layer d=64 InternLM2, 768-token vocabulary, SFT on 2500 coin-flip-style chats "
                  "(no pretraining); see the module docstring",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rlhf_demo.json").write_text(json.dumps(res, indent=2) + "\n")
-    plot(res, ppo_rows, online_rows, args.out / "rlhf_demo.png")
+    plot(res, ppo_rows, online_rows, online_over, args.out / "rlhf_demo.png")
     print(json.dumps({k: res[k] for k in ("reward", "ppo", "online", "seconds")}, indent=1))
 
 
