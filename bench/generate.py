@@ -3,8 +3,9 @@
 The lm2 checkpoint is exported in Llama layout (`export_checkpoint(..., fmt="llama")`) and loaded by
 `LlamaForCausalLM`. Both sides then decode the same left-padded batch greedily with their KV cache,
 for exactly `--new` tokens (no stop tokens), with the same torch threads, device and dtype. Each side
-gets a warm-up call, then the best of `--repeats` timed calls counts. The script also reports how many
-generated tokens agree between the two (greedy on identical weights: all of them, barring fp ties).
+gets a warm-up call, then the timed calls alternate and the best of `--repeats` counts for each. The
+script also reports how many generated tokens agree between the two (greedy on identical weights: all
+of them, barring fp ties).
 
     python bench/generate.py                       # micro preset on CPU
     python bench/generate.py --preset mini --batch 16 --new 128 --device cuda
@@ -38,16 +39,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _best(fn, repeats, device):
-    fn()  # warm-up: allocator, kernels, lazy init
-    times = []
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _best_alternating(fns, repeats, device):
+    """Best time and output of each function; the calls alternate, so drift in the machine's speed
+    (other load, frequency) falls on both sides alike. One untimed warm-up call each first."""
+    for fn in fns:
+        fn()  # allocator, kernels, lazy init
+    best = [(float("inf"), None)] * len(fns)
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for i, fn in enumerate(fns):
+            t, out = _timed(fn, device)
+            if t < best[i][0]:
+                best[i] = (t, out)
+    return best
 
 
 def main() -> None:
@@ -57,7 +68,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=48, help="longest prompt; the others are shorter (left padding)")
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -103,8 +114,7 @@ def main() -> None:
                               temperature=None, top_p=None, top_k=None)
         return out[:, ids.shape[1]:].tolist()
 
-    t_lm2, out_lm2 = _best(run_lm2, args.repeats, args.device)
-    t_hf, out_hf = _best(run_hf, args.repeats, args.device)
+    (t_lm2, out_lm2), (t_hf, out_hf) = _best_alternating([run_lm2, run_hf], args.repeats, args.device)
     n = args.batch * args.new
     agree = sum(a == b for x, y in zip(out_lm2, out_hf) for a, b in zip(x, y)) / n
     print(f"model {args.preset} ({ours.num_params() / 1e6:.1f}M params, V={args.vocab}), {args.device} {str(dtype)[6:]}, "

@@ -144,6 +144,19 @@ class KVCache:
         self.v = self.v[:, index]
 
 
+def _sdpa_has_gqa() -> bool:
+    """SDPA's `enable_gqa` (torch >= 2.5; lm2 runs on older torch too)."""
+    try:
+        x = torch.zeros(1, 2, 1, 4)
+        F.scaled_dot_product_attention(x, x[:, :1], x[:, :1], enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+_SDPA_GQA = _sdpa_has_gqa()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -161,13 +174,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        gqa = {}
         if self.qpk > 1:  # query head g*qpk+s reads KV head g
-            k = k.repeat_interleave(self.qpk, dim=1)
-            v = v.repeat_interleave(self.qpk, dim=1)
+            if cache is not None and _SDPA_GQA:
+                # Decoding: SDPA reads the shared KV heads in place instead of copying the whole cache
+                # qpk times every step (the same numbers; ~2x faster attention on CPU).
+                gqa = {"enable_gqa": True}
+            else:
+                k = k.repeat_interleave(self.qpk, dim=1)
+                v = v.repeat_interleave(self.qpk, dim=1)
         if isinstance(mask, str):  # "causal": plain causal attention, the fused fast path
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
 
