@@ -1,12 +1,12 @@
 """Long context you can see: a tiny InternLM2 learns passkey retrieval at 256 tokens, fails beyond it, and
 after `lm2 extend-context` (RoPE base 50,000 -> 1,000,000, training at 1024) retrieves it at 4x the length.
 
-    python examples/long_context_demo.py            # ~10 min on 2 CPU cores; results in examples/results/long_context/
+    python examples/long_context_demo.py            # ~15 min on 2 CPU cores; results in examples/results/long_context/
 
 Every step is an lm2 command (shown as it runs) on one workspace:
   1. a 1,280-id tokenizer (`build_vocab`: 1,000 cl100k tokens, digits split as InternLM2 does) and passkey
      documents (task line, "the grass is green" filler, the key line at a random depth, the question and the
-     answer) of 110-240 tokens ("short") and 768-1010 tokens ("long"), written as prepared JSONL and
+     answer) of 110-248 tokens ("short") and 896-1016 tokens ("long"), written as prepared JSONL and
      tokenized with `lm2 tokenize`'s writer: SPEC §9.2 says tiny models score ~0 unless passkey documents
      are in the pretraining mix;
   2. `lm2 pretrain --stage 1` at context 256, RoPE base 50,000, on the short documents only;
@@ -31,8 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "long_context"
 
-SHORT = (110, 240)  # + answer and </s>, a document fits stage 1's context of 256 whole
-LONG = (768, 1010)  # long: 3-4x stage 1's context (its depths cover every distance), fits 1024 whole
+SHORT = (110, 248)  # prompt tokens; + answer and </s> a document is at most 256, stage 1's context
+LONG = (896, 1016)  # up to the full extended context (1024): random depths then cover every distance
 
 
 def recipe_overrides(args) -> list[str]:
@@ -78,8 +78,8 @@ def write_passkey_corpus(ws, tok, n_short: int, n_long: int, seed: int) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("lm2-work-long-context"))
-    ap.add_argument("--steps1", type=int, default=1800, help="stage-1 steps (8 x 256 tokens each)")
-    ap.add_argument("--steps2", type=int, default=200, help="extend-context steps (2 x 1024 tokens each)")
+    ap.add_argument("--steps1", type=int, default=1500, help="stage-1 steps (8 x 256 tokens each)")
+    ap.add_argument("--steps2", type=int, default=1200, help="extend-context steps (2 x 1024 tokens each)")
     ap.add_argument("--repeats", type=int, default=5, help="needle samples per grid cell")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="reuse the workspace (resume) instead of starting fresh")
