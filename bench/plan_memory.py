@@ -222,12 +222,16 @@ def launch(stage: int, world: int, recipe: str = "tiny", seq_len: int = 128, mic
     profile (model states only, faster)."""
     args = {"stage": stage, "world": world, "recipe": recipe, "seq_len": seq_len, "micro_batch": micro_batch,
             "grad_accum": grad_accum, "steps": steps, "precision": precision, "profile": profile}
+    from lm2cli.train.engine import clean_env
+
     port = str(_free_port())
     procs = []
     results, errors = [], []
     with contextlib.ExitStack() as files:
         for rank in range(world):
-            env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank),
+            # clean_env: a caller that ran lm2 in-process as a lone rank (pytest) holds that rank's
+            # rendezvous variables and solo marker, which would make each child a world of one.
+            env = {**clean_env(), "DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank),
                    "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "LM2_PLAN_BENCH": json.dumps(args),
                    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
