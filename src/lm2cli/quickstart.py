@@ -88,15 +88,16 @@ def _steps():
 
 
 def _losses(artefact: Path) -> dict:
-    """A training stage's loss at its start and end (eval on fixed held-out batches, and train), so the
-    summary shows each stage learning; empty for artefacts that are not training stages."""
+    """A training stage's loss at its start and end (eval on fixed held-out batches, and train), or PPO's
+    reward and KL, so the summary shows each stage learning; empty for artefacts that train nothing."""
     import json
 
     try:
         stats = json.loads((Path(artefact) / "manifest.json").read_text()).get("stats", {})
     except (OSError, ValueError):
         return {}
-    pairs = {"eval_loss": ("first_eval_loss", "eval_loss"), "loss": ("first_loss", "final_loss")}
+    pairs = {"eval_loss": ("first_eval_loss", "eval_loss"), "loss": ("first_loss", "final_loss"),
+             "reward": ("reward_first", "reward_last"), "kl": ("kl_first", "kl_last")}  # PPO's first/last-5 means
     return {name: [stats[a], stats[b]] for name, (a, b) in pairs.items()
             if isinstance(stats.get(a), (int, float)) and isinstance(stats.get(b), (int, float))}
 
@@ -122,7 +123,7 @@ def run_quickstart(workdir, recipe_name: str, overrides: list[str], fresh: bool 
     else:
         for s in summary["stages"]:
             losses = "".join(f"  {k} {a:.3f} -> {b:.3f}" for k, (a, b) in
-                             ((k, s[k]) for k in ("eval_loss", "loss") if k in s))
+                             ((k, s[k]) for k in ("eval_loss", "loss", "reward", "kl") if k in s))
             log(f"{s['stage']:<18} {s['artefact']}  ({s['seconds']:.0f}s){losses}")
         log(f"quickstart finished in {summary['seconds']}s; see `lm2 status --workdir {ws.root}`")
     return summary
