@@ -6,6 +6,7 @@ would type, not a separate code path.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -87,18 +88,19 @@ def _steps():
     return steps
 
 
+# Summary figure -> (start, end) keys of a stage manifest's stats; reward and kl are PPO's first/last-5 means.
+_HEADLINES = {"eval_loss": ("first_eval_loss", "eval_loss"), "loss": ("first_loss", "final_loss"),
+              "reward": ("reward_first", "reward_last"), "kl": ("kl_first", "kl_last")}
+
+
 def _losses(artefact: Path) -> dict:
     """A training stage's loss at its start and end (eval on fixed held-out batches, and train), or PPO's
     reward and KL, so the summary shows each stage learning; empty for artefacts that train nothing."""
-    import json
-
     try:
         stats = json.loads((Path(artefact) / "manifest.json").read_text()).get("stats", {})
     except (OSError, ValueError):
         return {}
-    pairs = {"eval_loss": ("first_eval_loss", "eval_loss"), "loss": ("first_loss", "final_loss"),
-             "reward": ("reward_first", "reward_last"), "kl": ("kl_first", "kl_last")}  # PPO's first/last-5 means
-    return {name: [stats[a], stats[b]] for name, (a, b) in pairs.items()
+    return {name: [stats[a], stats[b]] for name, (a, b) in _HEADLINES.items()
             if isinstance(stats.get(a), (int, float)) and isinstance(stats.get(b), (int, float))}
 
 
@@ -122,8 +124,7 @@ def run_quickstart(workdir, recipe_name: str, overrides: list[str], fresh: bool 
         print_json(summary)
     else:
         for s in summary["stages"]:
-            losses = "".join(f"  {k} {a:.3f} -> {b:.3f}" for k, (a, b) in
-                             ((k, s[k]) for k in ("eval_loss", "loss", "reward", "kl") if k in s))
+            losses = "".join(f"  {k} {s[k][0]:.3f} -> {s[k][1]:.3f}" for k in _HEADLINES if k in s)
             log(f"{s['stage']:<18} {s['artefact']}  ({s['seconds']:.0f}s){losses}")
         log(f"quickstart finished in {summary['seconds']}s; see `lm2 status --workdir {ws.root}`")
     return summary
