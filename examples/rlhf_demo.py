@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shlex
 import shutil
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import yaml
+from demo_shell import lm2
 
 from lm2cli.synthetic import CONDITION_PROMPTS
 
@@ -173,15 +171,6 @@ def demo_recipe(path: Path, quick: bool) -> Path:
 
 # ---------------------------------------------------------------------------------------------------
 # Running and reading
-
-
-def lm2(*args, log: list) -> None:
-    cmd = ["lm2", *map(str, args)]
-    log.append(" ".join(shlex.quote(c) for c in cmd))
-    print("$", log[-1], flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-    print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
 def manifest(path: Path) -> dict:

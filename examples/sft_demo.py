@@ -23,25 +23,16 @@ import argparse
 import json
 import os
 import random
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from demo_shell import lm2
 
 from lm2cli.synthetic import chat_examples
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-
-
-def lm2(*args: str, log: list) -> None:
-    cmd = ["lm2", *map(str, args)]
-    log.append(" ".join(shlex.quote(c) for c in cmd))
-    print("$", log[-1], flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-    print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
 def task_data(task: str, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
