@@ -6,14 +6,14 @@ would type, not a separate code path.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 from .config import load_recipe
 from .console import log, print_json
-from .layout import Workspace
+from .errors import InputError
+from .layout import Workspace, read_manifest
 
 
 def _build_vocab(ws: Workspace, recipe) -> Path:
@@ -97,8 +97,8 @@ def _losses(artefact: Path) -> dict:
     """A training stage's loss at its start and end (eval on fixed held-out batches, and train), or PPO's
     reward and KL, so the summary shows each stage learning; empty for artefacts that train nothing."""
     try:
-        stats = json.loads((Path(artefact) / "manifest.json").read_text()).get("stats", {})
-    except (OSError, ValueError):
+        stats = read_manifest(artefact).get("stats", {})
+    except InputError:  # not an artefact folder
         return {}
     return {name: [stats[a], stats[b]] for name, (a, b) in _HEADLINES.items()
             if isinstance(stats.get(a), (int, float)) and isinstance(stats.get(b), (int, float))}
