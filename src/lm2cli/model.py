@@ -8,7 +8,8 @@ stage, stretched linearly, extended with YaRN, or scaled by dynamic NTK at infer
 effective base is computed from each call's length (never cached across calls, SPEC P5).
 
 Packed samples: when `position_ids` are given, a new document starts wherever the position resets
-to 0, and attention stays inside each document (SPEC §5.2, P11).
+to 0, and attention stays inside each document (SPEC §5.2, P11); `attention.attend` computes that
+without a T×T mask.
 
 Public API: `InternLM2(cfg)`, `KVCache`, `save_model`, `load_model`, `rope_inv_freq`,
 `effective_rope_base`.
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import Documents, attend
 from .config import ModelConfig
 from .errors import InputError
 
@@ -144,19 +146,6 @@ class KVCache:
         self.v = self.v[:, index]
 
 
-def _sdpa_has_gqa() -> bool:
-    """SDPA's `enable_gqa` (torch >= 2.5; lm2 runs on older torch too)."""
-    try:
-        x = torch.zeros(1, 2, 1, 4)
-        F.scaled_dot_product_attention(x, x[:, :1], x[:, :1], enable_gqa=True)
-        return True
-    except TypeError:
-        return False
-
-
-_SDPA_GQA = _sdpa_has_gqa()
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -165,7 +154,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden_size, self.nkv * (self.qpk + 2) * self.hd, bias=False)
         self.wo = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache]):
+    def forward(self, x, cos, sin, span: dict, cache: Optional[KVCache]):
+        """`span`: who sees whom, as `attend`'s keyword arguments (see `_attention_span`)."""
         b, t, _ = x.shape
         qkv = self.wqkv(x).view(b, t, self.nkv, self.qpk + 2, self.hd)
         q = qkv[..., : self.qpk, :].reshape(b, t, self.nh, self.hd).transpose(1, 2)
@@ -174,19 +164,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        gqa = {}
-        if self.qpk > 1:  # query head g*qpk+s reads KV head g
-            if cache is not None and _SDPA_GQA:
-                # Decoding: SDPA reads the shared KV heads in place instead of copying the whole cache
-                # qpk times every step (the same numbers; ~2x faster attention on CPU).
-                gqa = {"enable_gqa": True}
-            else:
-                k = k.repeat_interleave(self.qpk, dim=1)
-                v = v.repeat_interleave(self.qpk, dim=1)
-        if isinstance(mask, str):  # "causal": plain causal attention, the fused fast path
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        out = attend(q, k, v, **span)  # query head g*qpk+s reads KV head g
         return self.wo(out.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
 
@@ -209,8 +187,8 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, span, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, span, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -222,24 +200,20 @@ class InternLM2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def _attention_mask(position_ids, attention_mask, q_len: int, kv_len: int, packed: bool, device):
-    """Boolean [B, 1, q, kv] mask (True = attend), or "causal" when plain causal attention suffices."""
+def _attention_span(position_ids, attention_mask, q_len: int, kv_len: int, packed: bool, device) -> dict:
+    """Who each query sees, as `attend`'s keyword arguments: causal (with or without a cache), packed
+    documents (never a T×T mask: the backend decides), or a boolean [B, 1, q, kv] mask for left padding."""
+    if packed:
+        return {"docs": Documents.from_positions(position_ids)}  # needs q_len == kv_len (no cache)
+    if attention_mask is None:
+        return {"causal": True}
     past = kv_len - q_len
-    if attention_mask is None and not packed:
-        if past == 0:
-            return "causal"
-        if q_len == 1:
-            return None  # one new token sees the whole cache
     q_idx = torch.arange(past, kv_len, device=device)[:, None]
     k_idx = torch.arange(kv_len, device=device)[None, :]
     mask = (k_idx <= q_idx)[None, None]  # [1, 1, q, kv]
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :kv_len].bool()
-    if packed:
-        doc = (position_ids == 0).cumsum(-1)  # [B, T]; needs q_len == kv_len (no cache)
-        mask = mask & (doc[:, None, :, None] == doc[:, None, None, :])
+    mask = mask & attention_mask[:, None, None, :kv_len].bool()
     # A fully masked row (a left-pad query) would give NaN in softmax; let every query see itself.
-    return mask | (k_idx == q_idx)[None, None]
+    return {"mask": mask | (k_idx == q_idx)[None, None]}
 
 
 class InternLM2(nn.Module):
@@ -294,12 +268,12 @@ class InternLM2(nn.Module):
         dynamic = (self.config.rope_scaling or {}).get("type") == "dynamic"
         span = int(position_ids.max().item()) + 1 if dynamic else kv_len
         cos, sin = rope_cos_sin(self.config, position_ids, span, h.dtype)
-        mask = _attention_mask(position_ids, attention_mask, t, kv_len, packed, input_ids.device)
+        span = _attention_span(position_ids, attention_mask, t, kv_len, packed, input_ids.device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, span, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache)
+                h = layer(h, cos, sin, span, cache)
         if cache is not None:
             cache.length = kv_len
         h = self.model.norm(h)
