@@ -230,17 +230,24 @@ class InternLM2(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """InternEvo init: N(0, std) everywhere, wo/w2 scaled by 1/sqrt(2(layer+1)), norms ones (SPEC §2.5)."""
-        std = self.config.initializer_range
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """InternEvo init of every parameter (see `init_weight`), drawn in `named_parameters` order."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                layer = int(name.split(".")[2])
-                p.normal_(0.0, std / math.sqrt(2.0 * (layer + 1)))
-            else:
-                p.normal_(0.0, std)
+            self.init_weight(name, p, generator)
+
+    @torch.no_grad()
+    def init_weight(self, name: str, tensor: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+        """Fill `tensor` as parameter `name`'s init: N(0, std), wo/w2 scaled by 1/sqrt(2(layer+1)), norms
+        ones (SPEC §2.5). Separate from the parameter itself so that a sharded model (ZeRO-3) can draw
+        each whole tensor on the host and keep its slice (`train.engine.init_weights`)."""
+        std = self.config.initializer_range
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            layer = int(name.split(".")[2])
+            tensor.normal_(0.0, std / math.sqrt(2.0 * (layer + 1)), generator=generator)
+        else:
+            tensor.normal_(0.0, std, generator=generator)
 
     def forward(
         self,

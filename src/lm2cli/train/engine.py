@@ -12,6 +12,21 @@ match for partial sharding but deepspeed 0.19.8 rejects it (SPEC P16).
 
 The optimizer is torch's AdamW handed to `deepspeed.initialize`, so no DeepSpeed op is JIT-compiled;
 on CPU the shared-memory allreduce kernel (also JIT) is skipped and gloo carries the collectives.
+
+What a command does with it, in order (pretrain, sft, extend-context, rlhf alike):
+
+    dist = init_distributed()
+    model = build_model(model_config, train_cfg, dist, init_from=None | checkpoint folder)
+    engine = Engine(model, train_cfg, total_steps, dist)         # trainable: AdamW, LR schedule, ZeRO
+    frozen = Engine(model, train_cfg, 0, dist, trainable=False)  # reference / reward model: no optimizer
+
+`build_model` never holds the whole model on one rank under ZeRO-3: parameters are partitioned as
+they are created (`deepspeed.zero.Init`), initialised or loaded one tensor at a time (each whole
+tensor exists only while it is written), and kept in the run's dtype (bf16 runs never see an fp32
+copy). Below ZeRO-3 every rank needs the whole model anyway: it is built on the meta device and
+materialised straight on the accelerator in the run's dtype, then filled the same way. Either way the
+fresh init is drawn on the host from one seeded generator in parameter order, so a model starts from
+the same weights on any number of ranks at any ZeRO stage.
 """
 
 from __future__ import annotations
@@ -28,7 +43,8 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -164,6 +180,15 @@ def deepspeed_config(cfg, world: int) -> dict:
     }
 
 
+def run_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the model's parameters live in on the accelerator (fp32 master weights are DeepSpeed's)."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+
+def config_zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings only, never on norms or biases."""
     decay, no_decay = [], []
@@ -175,29 +200,254 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Building the model: partitioned at construction, filled one tensor at a time
+
+
+def build_model(model_config, cfg, dist: Dist, init_from: Optional[Path] = None, *, ds_config: Optional[dict] = None,
+                factory: Optional[Callable] = None, strict: bool = True) -> torch.nn.Module:
+    """The model a run trains (or, for `Engine(..., trainable=False)`, serves), built for its DeepSpeed
+    config: under ZeRO-3 partitioned as it is created, otherwise materialised on `dist.device`; in the
+    run's dtype (bf16 or fp32); then filled with a fresh init (`init_from` None: `init_weights` with
+    `cfg.seed`) or with the weights of the checkpoint folder `init_from` (`load_weights`, streamed).
+
+    `model_config` is the final `ModelConfig` (the caller applies a stage's RoPE base and context
+    length first). `cfg` is the run's `TrainConfig`; `ds_config` the DeepSpeed config the `Engine` will
+    get (default `deepspeed_config(cfg, dist.world)`; `--plan` passes its own). `factory(model_config)`
+    builds the module (default `InternLM2`); it must be cheap to call on the meta device. `strict`:
+    every parameter must be in `init_from` (False keeps the fresh init of the missing ones, e.g. a new
+    head). Every rank must call this together under ZeRO-3 (it gathers each parameter once).
+    """
+    import deepspeed
+
+    from ..model import InternLM2
+
+    factory = factory or InternLM2
+    ds_config = ds_config or deepspeed_config(cfg, dist.world)
+    dtype = run_dtype(ds_config)
+    if config_zero_stage(ds_config) == 3:
+        # Each submodule's parameters are partitioned as soon as it is built; the init they get inside
+        # zero.Init (torch's defaults) is thrown away below. The dtype comes from the config's bf16
+        # flag (deepspeed 0.19.8 ignores an explicit dtype on accelerators without fp16, CPU included);
+        # F.linear is left alone (mem_efficient_linear would replace it process-wide).
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False,
+                                 zero_param_parallel_group=_hpz_group()):
+            model = factory(model_config)
+    else:
+        with torch.device("meta"):
+            model = factory(model_config)
+        model = model.to(dtype).to_empty(device=dist.device)
+    if init_from is None or not strict:
+        init_weights(model, cfg.seed, dist)
+    if init_from is not None:
+        load_weights(model, init_from, dist, strict=strict)
+    return model
+
+
+def _hpz_group():
+    """The hpZ group of an earlier ZeRO-3 model in this process (RLHF builds four): zero.Init creates it
+    only once per process and asserts if asked again; None lets the first one create it."""
+    from deepspeed.utils import groups
+
+    return groups._ZERO_PARAM_INTRA_PARALLEL_GROUP
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """True if the parameters are ZeRO-3 partitions (made under `zero.Init` or by a ZeRO-3 engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _whole(p: torch.nn.Parameter, dist: Dist) -> Iterator[bool]:
+    """The parameter whole for the block; yields whether this rank writes it. ZeRO-3: gathered, rank 0's
+    writes are scattered back as everyone's partition on exit; otherwise the local tensor, written here."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            yield dist.is_main
+    else:
+        yield True
+
+
+def _shape(p: torch.nn.Parameter) -> tuple:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, seed: int, dist: Dist) -> None:
+    """A fresh init independent of the world size, ZeRO stage and device: each parameter drawn whole on
+    the host in fp32, in `named_parameters` order, from one generator seeded with `seed`, by
+    `model.init_weight(name, tensor, generator)` (InternLM2's rule), then cast into the parameter.
+    Under ZeRO-3 only rank 0 draws (the others receive their partitions), so only one tensor at a time
+    is ever whole."""
+    generator = torch.Generator().manual_seed(int(seed))
+    init = getattr(model, "init_weight", None)
+    for name, p in model.named_parameters():
+        with _whole(p, dist) as writer:
+            if writer:
+                host = torch.empty(_shape(p), dtype=torch.float32)
+                if init is not None:
+                    init(name, host, generator)
+                else:
+                    host.normal_(0.0, 0.02, generator=generator)
+                p.data.copy_(host)
+
+
+class WeightFiles:
+    """Tensors by name from a model folder's safetensors, read one at a time (`model.safetensors`, or
+    the shards an HF `model.safetensors.index.json` names); only headers are read up front."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        try:
+            from ..convert import weight_files  # index order; refuses pickles by name
+        except ImportError:  # lm2 before convert.py: one file
+            def weight_files(path):
+                if not (Path(path) / "model.safetensors").is_file():
+                    raise InputError(f"{path} has no model.safetensors")
+                return [Path(path) / "model.safetensors"]
+        self._stack = contextlib.ExitStack()
+        self.owner: dict[str, object] = {}
+        try:
+            for file in weight_files(folder):
+                handle = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                for key in handle.keys():
+                    self.owner.setdefault(key, handle)
+        except InputError:
+            self._stack.close()
+            raise
+        except Exception as e:  # safetensors raises its own types for a truncated or foreign file
+            self._stack.close()
+            raise InputError(f"{folder}: unreadable weights ({e}); the checkpoint is corrupt or partial") from None
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.owner[name].get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.owner[name].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _model_type(folder: Path) -> str:
+    cfg = Path(folder) / "config.json"
+    return json.loads(cfg.read_text()).get("model_type", "internlm2") if cfg.is_file() else "internlm2"
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, folder: Path, dist: Dist, strict: bool = True) -> None:
+    """Fill `model` from the checkpoint folder's safetensors, one tensor at a time: no rank ever holds
+    a second copy of the model, and a bf16 file goes into bf16 parameters without an fp32 step. Under
+    ZeRO-3 rank 0 reads each tensor and the others receive their partitions. Names and shapes are
+    checked (from the headers) on every rank before anything is read, so a mismatch fails cleanly on
+    all of them. Llama-format folders are converted through `convert` in memory instead (their fused
+    `wqkv` is assembled from three tensors)."""
+    folder = Path(folder)
+    params = dict(model.named_parameters())
+    if _model_type(folder) != "internlm2":
+        _load_converted(model, folder, params, dist, strict)
+        return
+    files = WeightFiles(folder)
+    try:
+        _check_names(folder, params, {k: files.shape(k) for k in files.owner}, strict)
+        for name, p in params.items():
+            if name in files.owner:
+                with _whole(p, dist) as writer:
+                    if writer:
+                        p.data.copy_(files.tensor(name))
+    finally:
+        files.close()
+
+
+def _check_names(folder: Path, params: dict, shapes: dict, strict: bool) -> None:
+    missing = [n for n in params if n not in shapes]
+    unexpected = [n for n in shapes if n not in params]
+    if strict and (missing or unexpected):
+        raise InputError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    wrong = [f"{n} {shapes[n]} vs {_shape(p)}" for n, p in params.items() if n in shapes and shapes[n] != _shape(p)]
+    if wrong:
+        raise InputError(f"{folder}: weight shapes differ from the model's config: {'; '.join(wrong[:3])}")
+
+
+def _load_converted(model, folder: Path, params: dict, dist: Dist, strict: bool) -> None:
+    try:
+        from ..convert import load_model as load_any
+    except ImportError:
+        from ..model import load_model as load_any
+    partitioned = is_partitioned(model)
+    state, error = {}, None
+    if dist.is_main or not partitioned:  # a foreign layout: converted whole on the host, by one rank
+        try:
+            state = load_any(folder).state_dict()
+            _check_names(folder, params, {k: tuple(v.shape) for k, v in state.items()}, strict)
+        except InputError as e:
+            error = str(e)
+    if partitioned and dist.world > 1:  # the other ranks must not wait in a gather rank 0 never joins
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise InputError(error)
+    for name, p in params.items():
+        with _whole(p, dist) as writer:
+            if writer and name in state:
+                p.data.copy_(state[name])
+
+
+# ---------------------------------------------------------------------------------------------------
 # The engine
 
 
 class Engine:
-    """A DeepSpeed engine plus what the loop needs: the step with its grad norm, the LR, full weights."""
+    """A DeepSpeed engine plus what the loop needs: the step with its grad norm, the LR, full weights.
 
-    def __init__(self, model: torch.nn.Module, cfg, total_steps: int, dist: Dist, ds_config: Optional[dict] = None):
+    Trainable (default): AdamW (decay on matrices only, `param_groups`), warmup + cosine over
+    `total_steps`, ZeRO and precision from `cfg` (or `ds_config`). Call `backward(loss)` then `step()`
+    after every micro-batch; `step()` returns the grad norm on the last micro-batch of a step.
+
+    `trainable=False` (a frozen model: PPO's reference and reward models): no optimizer, parameters
+    frozen, the module in eval mode; under ZeRO-3 the weights stay partitioned and are gathered layer
+    by layer around each forward (ZeRO-Inference), so a frozen 7B model costs 1/world of its bf16
+    weights per rank. `total_steps` is ignored; `backward`/`step` refuse.
+
+    Both: `model` is what a loss function calls (DeepSpeed's wrapper), `module` the bare module,
+    `full_state_dict()` the whole weights on rank 0 (collective), `full_weights()` the module with
+    every parameter gathered for a block (collective; for generation or export).
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg, total_steps: int, dist: Dist, ds_config: Optional[dict] = None,
+                 *, trainable: bool = True):
         import deepspeed
 
-        self.cfg, self.dist, self.total_steps = cfg, dist, total_steps
+        self.cfg, self.dist, self.total_steps, self.trainable = cfg, dist, total_steps, trainable
         self.config = dict(ds_config) if ds_config else deepspeed_config(cfg, dist.world)
+        if not trainable:
+            _ = [p.requires_grad_(False) for p in model.parameters()]
+            model.eval()
+            self.zero_stage = config_zero_stage(self.config)
+            self.clip_here = False
+            if not is_partitioned(model):
+                model.to(dist.device)
+            self.ds, *_ = deepspeed.initialize(model=model, config=self.config, dist_init_required=False)
+            self.optimizer = self.scheduler = self.schedule = None
+            return
         expected = (cfg.micro_batch_size, cfg.grad_accum)
         got = (self.config.get("train_micro_batch_size_per_gpu"), self.config.get("gradient_accumulation_steps"))
         if got != expected:
             raise InputError(f"DeepSpeed config batch (micro {got[0]}, accum {got[1]}) differs from the recipe's "
                              f"(micro {expected[0]}, accum {expected[1]})")
-        self.zero_stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
+        self.zero_stage = config_zero_stage(self.config)
         self.clip_here = not (self.zero_stage > 0 or self.config.get("bf16", {}).get("enabled"))
         if self.clip_here:  # see clips_in_deepspeed: DeepSpeed must not clip a second time
             self.config["gradient_clipping"] = 0.0
         if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
             model.gradient_checkpointing = True
-        model.to(dist.device)
+        if not is_partitioned(model):  # a model from build_model is on the device already
+            model.to(dist.device)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
         self.schedule = schedule(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
@@ -235,11 +485,15 @@ class Engine:
         return float(self.ds.get_lr()[0])
 
     def backward(self, loss: torch.Tensor) -> None:
+        if not self.trainable:
+            raise RuntimeError("a frozen engine (trainable=False) has no backward pass")
         self.ds.backward(loss)  # scales by 1/grad_accum
 
     def step(self) -> Optional[float]:
         """Call after every micro-batch's backward; on the last one of a step the update happens and the
         (pre-clip) global grad norm is returned, otherwise None."""
+        if not self.trainable:
+            raise RuntimeError("a frozen engine (trainable=False) has no optimizer step")
         boundary = self.ds.is_gradient_accumulation_boundary()
         norm = None
         if boundary and self.clip_here and self.cfg.grad_clip > 0:
