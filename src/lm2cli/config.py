@@ -127,9 +127,12 @@ class TokenizeConfig:
     seed: int = 0  # salts the held-out hash: another seed holds out another set of documents
     prepend_bos: bool = True  # each document is <s> ids </s> in the shards
     append_eos: bool = True
+    engine: str = "local"  # where chunks are tokenized: local (process pool) or ray (a Ray cluster); same shards
+    ray_address: str = "auto"
 
     def __post_init__(self):
         _check(0.0 <= self.val_fraction < 1.0, "tokenize.val_fraction must be in [0, 1)")
+        _check(self.engine in ("local", "ray"), "tokenize.engine must be local or ray")
         _check(self.workers >= 0, "tokenize.workers must be >= 0 (0: one per core)")
 
 
@@ -248,7 +251,10 @@ class DedupConfig:
     hashfunc: str = "xxh32"  # shingle hash: xxh32 (fast) or sha1 (datasketch's default)
     exact: bool = True  # drop exact copies by content hash first (whitespace-insensitive for code)
     confirm: bool = True  # keep an LSH candidate pair only if its signature Jaccard >= threshold
-    storage: str = "memory"  # or "redis"
+    # disk: sorted runs and partitions under prepared/.work, each dedup task within memory_budget_mb (any engine);
+    # memory: one datasketch LSH index in this process; redis: that index in Redis
+    storage: str = "disk"
+    memory_budget_mb: float = 512.0
     redis_host: str = "localhost"
     redis_port: int = 6379
     redis_db: int = 0
@@ -256,7 +262,8 @@ class DedupConfig:
     def __post_init__(self):
         _check(self.bands * self.rows <= self.num_perm, "prepare.dedup.bands * rows must be <= num_perm")
         _check(0 < self.threshold <= 1, "prepare.dedup.threshold must be in (0, 1]")
-        _check(self.storage in ("memory", "redis"), "prepare.dedup.storage must be memory or redis")
+        _check(self.storage in ("disk", "memory", "redis"), "prepare.dedup.storage must be disk, memory or redis")
+        _check(self.memory_budget_mb > 0, "prepare.dedup.memory_budget_mb must be positive")
         _check(self.scheme in ("affine32", "affine64", "legacy"), "prepare.dedup.scheme must be affine32, affine64 or legacy")
         _check(self.hashfunc in ("xxh32", "sha1"), "prepare.dedup.hashfunc must be xxh32 or sha1")
         _check(self.ngram >= 1, "prepare.dedup.ngram must be >= 1")
@@ -292,6 +299,8 @@ class QualityConfig:
 class PrepareConfig:
     workers: int = 1
     task_mb: float = 64.0  # input bytes per task (one kept part each); big JSONL files are split by range
+    engine: str = "local"  # where tasks run: local (process pool) or ray (a Ray cluster); same output
+    ray_address: str = "auto"  # --engine ray: auto (the cluster `ray start` runs here) or HOST:PORT
     max_record_mb: float = 16.0  # longer lines/files are rejected as too large, never loaded whole
     languages: list = _f(["zh", "en", "code", "mixed"])  # others are rejected at classify
     types: dict = _f({})  # path glob -> content type, for sources whose metadata does not say
@@ -302,6 +311,7 @@ class PrepareConfig:
 
     def __post_init__(self):
         _check(self.workers >= 1, "prepare.workers must be >= 1")
+        _check(self.engine in ("local", "ray"), "prepare.engine must be local or ray")
         _check(self.task_mb > 0, "prepare.task_mb must be positive")
         _check(self.max_record_mb > 0, "prepare.max_record_mb must be positive")
         for glob, kind in self.types.items():
