@@ -182,7 +182,39 @@ def describe_input(path: Path) -> dict:
         entry["fingerprint"] = fingerprint(path)
     elif path.is_file():
         entry["fingerprint"] = fingerprint_file(path)
+    elif path.is_dir():  # a foreign folder, e.g. a released HF model: no manifest to hash
+        entry["fingerprint"] = fingerprint_folder(path)
     return entry
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """A content fingerprint of a folder without a manifest, cheap on a 15 GB model folder.
+
+    Hashes every top-level file's name and size; small files (configs, tokenizer) whole; of larger
+    files the safetensors header (names, dtypes, shapes, offsets) when there is one, plus the first and
+    last MiB of data. Changed weights of the same shapes are caught by the sampled bytes, not
+    guaranteed: this identifies an input in lineage, it is not an integrity check.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 2 * SAMPLE_BYTES:
+                h.update(fh.read())
+                continue
+            if f.suffix == ".safetensors":
+                n = int.from_bytes(fh.read(8), "little")
+                if 0 < n < size:
+                    h.update(fh.read(n))
+            fh.seek(0)
+            h.update(fh.read(SAMPLE_BYTES))
+            fh.seek(size - SAMPLE_BYTES)
+            h.update(fh.read(SAMPLE_BYTES))
+    return "sha256:" + h.hexdigest()
 
 
 def read_manifest(artefact: str | os.PathLike, kinds: Iterable[str] | None = None, what: str = "input") -> dict:
@@ -259,3 +291,67 @@ def staging_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# The workspace lock: one writer per artefact folder.
+
+
+def _holder_line(info: dict) -> str:
+    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')} running `{info.get('command', '?')}` "
+            f"since {info.get('since', '?')}")
+
+
+@contextlib.contextmanager
+def artefact_lock(artefact: Path, command: str = "", shared: bool = False) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `artefact` while a command writes it; a second writer fails at once with a
+    one-line error naming the holder (pid, host, command).
+
+    The lock is `flock` on the file, so the kernel frees it when its holder dies, however it died: a lock
+    file left by a killed process is simply taken over. `shared=True` lets several cooperating writers in at
+    once (`lm2 prepare --shard i/N` runs, which write disjoint tasks) while still excluding a full run.
+    Multi-rank commands take it on rank 0 only.
+    """
+    import fcntl
+    import socket
+    import sys
+
+    artefact = Path(artefact)
+    artefact.parent.mkdir(parents=True, exist_ok=True)
+    path = artefact.parent / f".{artefact.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                info = {}
+            os.close(fd)
+            raise InputError(f"{artefact} is being written by another lm2 command ({_holder_line(info)}); "
+                             "wait for it to finish or stop it") from None
+        # The holder before us may have removed the file between our open and our lock: then we locked an
+        # orphan inode and must start over on the current file.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(),
+            "command": command or " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    try:
+        yield
+    finally:
+        try:
+            # Upgrading to exclusive without waiting tells us whether we are the last holder: only then remove.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except BlockingIOError:
+            pass
+        os.close(fd)

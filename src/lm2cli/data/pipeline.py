@@ -30,7 +30,6 @@ import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -38,10 +37,11 @@ import numpy as np
 
 from ..config import PrepareConfig, to_dict
 from ..errors import InputError, Lm2Error
-from ..layout import MANIFEST, Workspace, atomic_write_text, write_manifest
+from ..layout import MANIFEST, Workspace, artefact_lock, atomic_write_text, write_manifest
 from . import classify as classify_mod
 from . import dedup as dedup_mod
 from . import readers, rules
+from .executors import make_executor, peak_rss_mb
 from .quality import Quality, resolve_model
 from .safety import Safety
 from .standardize import content_id, standardize
@@ -194,7 +194,7 @@ def run_phase_a(task: int, units: list[readers.Unit], cfg: PrepareConfig, out: P
     except BaseException:
         w.abort()
         raise
-    result = {"task": task, "stats": stats, "passed": n_pass}
+    result = {"task": task, "stats": stats, "passed": n_pass, "rss_mb": peak_rss_mb()}
     atomic_write_text(work / f"done-{task:05d}.json", json.dumps(result))
     return result
 
@@ -243,6 +243,45 @@ def run_phase_b(out: Path, n_tasks: int, cfg: PrepareConfig, progress: Optional[
     return summary
 
 
+def run_phase_b_disk(out: Path, n_tasks: int, cfg: PrepareConfig, executor, rss: dict) -> dict:
+    """Phase B as distributed stages over files (dedup.py), each task within `dedup.memory_budget_mb`:
+    exact shuffle -> exact groups -> band runs -> band buckets -> clusters. Every stage's tasks leave a
+    marker (their renamed output), so a rerun on any engine picks up where the last one stopped."""
+    from ..console import log
+
+    work = out / ".work"
+    a_dir, b_dir = work / "a", work / "b"
+    passed = [json.loads((a_dir / f"done-{t:05d}.json").read_text())["passed"] for t in range(n_tasks)]
+    offsets = [int(x) for x in np.cumsum([0] + passed[:-1])]
+    plan_path = b_dir / "plan.json"
+    if not plan_path.exists():  # the partition counts of a resumed run stay those it started with
+        atomic_write_text(plan_path, json.dumps(dedup_mod.dedup_plan(sum(passed), cfg.dedup)))
+    bplan = json.loads(plan_path.read_text())
+    xq, bq, d = bplan["exact_parts"], bplan["band_parts"], cfg.dedup
+    log(f"prepare: dedup of {sum(passed)} documents in {xq} exact and {d.bands}x{bq} band partitions "
+        f"(budget {d.memory_budget_mb:g} MB per task)")
+    t0 = time.perf_counter()
+    A, B = str(a_dir), str(b_dir)
+    if d.exact:
+        todo = [(t, A, B, xq) for t in range(n_tasks) if not (b_dir / "x" / f"done-{t:05d}").exists()]
+        _run_tasks(executor, dedup_mod.exact_shuffle, todo, "dedup: exact shuffle", rss, "dedup.exact_shuffle")
+        todo = [(q, B, offsets, n_tasks) for q in range(xq) if not (b_dir / "xo" / f"{q:04d}.jsonl").exists()]
+        _run_tasks(executor, dedup_mod.exact_reduce, todo, "dedup: exact groups", rss, "dedup.exact_groups")
+    todo = [(t, A, B, d.bands, d.rows, d.exact) for t in range(n_tasks)
+            if not (b_dir / "bands" / f"done-{t:05d}").exists()]
+    _run_tasks(executor, dedup_mod.band_runs, todo, "dedup: band runs", rss, "dedup.band_runs")
+    todo = [(b, q, A, B, n_tasks, bq, d.rows, d.confirm, d.threshold, d.num_perm)
+            for b in range(d.bands) for q in range(bq) if not (b_dir / "edges" / f"{b:03d}-{q:04d}.npy").exists()]
+    _run_tasks(executor, dedup_mod.buckets, todo, "dedup: band buckets", rss, "dedup.buckets")
+    (summary,) = _run_tasks(executor, dedup_mod.clusters, [(A, B, n_tasks, offsets)], "dedup: clusters", rss,
+                            "dedup.clusters")
+    summary.pop("rss_mb", None)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["partitions"] = {"exact": xq, "band": bq}
+    atomic_write_text(b_dir / "done.json", json.dumps(summary))
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------------
 # Phase C: dedup decisions, safety, quality (one task)
 
@@ -286,7 +325,7 @@ def run_phase_c(task: int, cfg: PrepareConfig, out: Path, models: dict) -> dict:
     except BaseException:
         w.abort()
         raise
-    result = {"task": task, "stats": stats}
+    result = {"task": task, "stats": stats, "rss_mb": peak_rss_mb()}
     atomic_write_text(work / "c" / f"done-{task:05d}.json", json.dumps(result))
     return result
 
@@ -309,7 +348,9 @@ def parse_shard(value: Optional[str]) -> Optional[tuple[int, int]]:
 
 def config_hash(cfg: PrepareConfig) -> str:
     d = to_dict(cfg)
-    d.pop("workers", None)  # parallelism does not change the output
+    for knob in ("workers", "engine", "ray_address"):  # where and how parallel it runs does not change the output
+        d.pop(knob, None)
+    d["dedup"].pop("memory_budget_mb", None)  # nor how finely dedup partitions its work
     return "sha256:" + hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -352,26 +393,17 @@ def _classifier_paths(ws: Workspace, cfg: PrepareConfig) -> dict:
     return {k: (str(v) if v else None) for k, v in models.items()}
 
 
-def _run_tasks(fn, tasks: list[int], args: tuple, workers: int, desc: str, on_done: Callable) -> list[dict]:
+def _run_tasks(executor, fn, tasks: list[tuple], desc: str, rss: dict, key: str) -> list[dict]:
+    """Run fn(*task) for every task on the executor, with a progress bar; remember the stage's peak RSS."""
     from ..console import progress
 
     results = []
     with progress(desc, total=len(tasks)) as bar:
-        if workers <= 1 or len(tasks) <= 1:
-            for t in tasks:
-                r = fn(t, *args(t))
-                results.append(r)
-                on_done(r)
-                bar.advance(1)
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-                futs = [pool.submit(fn, t, *args(t)) for t in tasks]
-                for fut in as_completed(futs):
-                    r = fut.result()
-                    results.append(r)
-                    on_done(r)
-                    bar.advance(1)
-    return sorted(results, key=lambda r: r["task"])
+        for r in executor.map(fn, tasks):
+            results.append(r)
+            rss[key] = max(rss.get(key, 0.0), r.get("rss_mb", 0.0))
+            bar.advance(1)
+    return results
 
 
 def run_prepare(
@@ -384,17 +416,31 @@ def run_prepare(
     force: bool = False,
     types: Optional[dict] = None,
     recipe_name: str = "",
+    engine: Optional[str] = None,
+    ray_address: Optional[str] = None,
 ) -> dict:
-    """Run the pipeline into <workdir>/data/prepared/ and return the summary (the manifest's stats)."""
-    from ..config import examples_dir
-    from ..console import log
+    """Run the pipeline into <workdir>/data/prepared/ and return the summary (the manifest's stats).
 
+    `engine` (default `prepare.engine`): "local" runs tasks in a process pool of `workers`, "ray" on the
+    Ray cluster at `ray_address`; both run the same tasks and write the same artefact.
+    """
     ws = workdir if isinstance(workdir, Workspace) else Workspace.at(workdir)
     cfg = cfg or PrepareConfig()
     if types:
         cfg = dataclasses.replace(cfg, types={**cfg.types, **types})
-    workers = workers or cfg.workers
+    cfg = dataclasses.replace(cfg, engine=engine or cfg.engine, ray_address=ray_address or cfg.ray_address,
+                              workers=workers or cfg.workers)
     shard_sel = parse_shard(shard)
+    # --shard runs write disjoint tasks and may run side by side; a full run excludes every other writer.
+    with artefact_lock(ws.prepared, shared=shard_sel is not None):
+        return _run_prepare(inputs, ws, cfg, shard, force, recipe_name)
+
+
+def _run_prepare(inputs, ws: Workspace, cfg: PrepareConfig, shard: Optional[str], force: bool,
+                 recipe_name: str) -> dict:
+    from ..config import examples_dir
+    from ..console import log
+
     inputs = list(inputs or [])
     if not inputs:
         inputs = [examples_dir() / "corpus"]
@@ -421,17 +467,32 @@ def run_prepare(
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "plan.json", json.dumps(plan))
 
+    executor = make_executor(cfg.engine, cfg.workers, cfg.ray_address)
+    try:
+        return _run_phases(ws, cfg, plan, files, shard, executor, recipe_name)
+    finally:
+        executor.close()
+
+
+def _run_phases(ws: Workspace, cfg: PrepareConfig, plan: dict, files: list[Path], shard: Optional[str],
+                executor, recipe_name: str) -> dict:
+    from ..console import log
+
+    out = ws.prepared
+    work = out / ".work"
+    shard_sel = parse_shard(shard)
     tasks = [[readers.Unit(**u) for u in t] for t in plan["tasks"]]
     n_tasks = len(tasks)
     mine = [t for t in range(n_tasks) if shard_sel is None or t % shard_sel[1] == shard_sel[0]]
     t_start = time.perf_counter()
+    rss: dict = {}
 
     # Phase A
     todo_a = [t for t in mine if not (work / "a" / f"done-{t:05d}.json").exists()]
     if len(todo_a) < len(mine):
         log(f"prepare: {len(mine) - len(todo_a)} of {len(mine)} tasks already through format/classify/rules; skipping them")
-    _run_tasks(run_phase_a, todo_a, lambda t: (tasks[t], cfg, out), workers,
-               "prepare: format+classify+rules", lambda r: None)
+    _run_tasks(executor, run_phase_a, [(t, tasks[t], cfg, out) for t in todo_a], "prepare: format+classify+rules",
+               rss, "format+classify+rules")
 
     done_a = [t for t in range(n_tasks) if (work / "a" / f"done-{t:05d}.json").exists()]
     if len(done_a) < n_tasks:
@@ -448,22 +509,30 @@ def run_prepare(
             log(f"prepare: shard {shard} done; all shards finished phase A — run `lm2 prepare` without --shard "
                 "to dedup and finish")
             return {"shard": shard, "tasks": mine, "stats": _collect(work, "a", mine)}
-        from ..console import progress
+        if cfg.dedup.storage == "disk":
+            run_phase_b_disk(out, n_tasks, cfg, executor, rss)
+        else:
+            from ..console import progress
 
-        n_docs = sum(json.loads((work / "a" / f"done-{t:05d}.json").read_text())["passed"] for t in range(n_tasks))
-        with progress("prepare: dedup (MinHash-LSH)", total=n_docs) as bar:
-            run_phase_b(out, n_tasks, cfg, progress=lambda k: bar.advance(k))
+            n_docs = sum(json.loads((work / "a" / f"done-{t:05d}.json").read_text())["passed"] for t in range(n_tasks))
+            with progress("prepare: dedup (MinHash-LSH)", total=n_docs) as bar:
+                run_phase_b(out, n_tasks, cfg, progress=lambda k: bar.advance(k))
+            rss["dedup"] = peak_rss_mb()
 
     # Phase C
     models = _classifier_paths(ws, cfg)
     (work / "c").mkdir(parents=True, exist_ok=True)
     todo_c = [t for t in mine if not (work / "c" / f"done-{t:05d}.json").exists()]
-    _run_tasks(run_phase_c, todo_c, lambda t: (cfg, out, {k: Path(v) if v else None for k, v in models.items()}),
-               workers, "prepare: safety+quality", lambda r: None)
+    paths = {k: Path(v) if v else None for k, v in models.items()}
+    _run_tasks(executor, run_phase_c, [(t, cfg, out, paths) for t in todo_c], "prepare: safety+quality", rss,
+               "safety+quality")
     if shard_sel is not None:
         return {"shard": shard, "tasks": mine, "stats": _collect(work, "c", mine)}
 
-    summary = _finalize(out, work, n_tasks, cfg, plan, models, files, time.perf_counter() - t_start, recipe_name)
+    rss["driver"] = peak_rss_mb()
+    resources = {"engine": executor.name, "workers": executor.workers, "peak_rss_mb": rss}
+    summary = _finalize(out, work, n_tasks, cfg, plan, models, files, time.perf_counter() - t_start, recipe_name,
+                        resources)
     return summary
 
 
@@ -477,7 +546,7 @@ def _collect(work: Path, phase: str, tasks: Iterable[int]) -> dict:
 
 
 def _finalize(out: Path, work: Path, n_tasks: int, cfg: PrepareConfig, plan: dict, models: dict,
-              files: list[Path], seconds: float, recipe_name: str) -> dict:
+              files: list[Path], seconds: float, recipe_name: str, resources: dict) -> dict:
     stages: dict = {}
     merge_stats(stages, _collect(work, "a", range(n_tasks)))
     merge_stats(stages, _collect(work, "c", range(n_tasks)))
@@ -501,6 +570,9 @@ def _finalize(out: Path, work: Path, n_tasks: int, cfg: PrepareConfig, plan: dic
         "classifiers": models,
         "tasks": n_tasks,
         "seconds": round(seconds, 2),
+        # where it ran and each stage's peak resident memory (the largest task's process): the only stats
+        # that differ between engines and runs
+        "resources": resources,
     }
     # Parts of tasks that kept nothing still get an (empty) kept shard, so readers can count on part names.
     (out / "kept").mkdir(parents=True, exist_ok=True)
