@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .attention import Documents, attend
 from .config import ModelConfig
 from .errors import InputError
+from .train.loss import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
 # RoPE
@@ -216,6 +217,17 @@ def _attention_span(position_ids, attention_mask, q_len: int, kv_len: int, packe
     return {"mask": mask | (k_idx == q_idx)[None, None]}
 
 
+class OutputHead(nn.Linear):
+    """The untied output head. Given labels it returns the summed cross-entropy instead of the logits,
+    computed a chunk of tokens at a time (train/loss.py) inside this module's forward, so that ZeRO-3
+    gathers and releases the weight around it as for any Linear."""
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels)
+
+
 class InternLM2(nn.Module):
     """InternLM2ForCausalLM: `model.*` (embeddings, layers, norm) and the untied `output` head."""
 
@@ -225,7 +237,7 @@ class InternLM2(nn.Module):
             raise InputError("model.vocab_size must be set (the tokenizer's vocab size) before building a model")
         self.config = cfg
         self.model = InternLM2Model(cfg)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.output = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
 
@@ -256,7 +268,10 @@ class InternLM2(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         return_hidden: bool = False,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """Logits [B, T, V]; the final hidden states with `return_hidden`; with `labels` (next-token ids,
+        -100 where nothing is predicted) the summed cross-entropy, an fp32 scalar, without the full logits."""
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         kv_len = past + t
@@ -284,6 +299,8 @@ class InternLM2(nn.Module):
         if cache is not None:
             cache.length = kv_len
         h = self.model.norm(h)
+        if labels is not None:
+            return self.output(h, labels)
         return h if return_hidden else self.output(h)
 
     # -- accounting ------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..config import to_yaml
 from ..console import log, progress
@@ -67,10 +66,16 @@ class FitResult:
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy over labelled positions (labels already shifted, -100 ignored)."""
-    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-    return loss, {}
+    """Mean next-token cross-entropy over labelled positions (labels already shifted, -100 ignored), from
+    the model's chunked head (train/loss.py): the B×T×V logits are never held in fp32."""
+    labels = batch["labels"]
+    total = model(batch["input_ids"], position_ids=batch.get("position_ids"), labels=labels)
+    return total / target_tokens(batch).clamp(min=1), {}
+
+
+def target_tokens(batch: dict) -> torch.Tensor:
+    """How many positions of a micro-batch carry a label (the loss's denominator)."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
 
 
 def fit(
@@ -148,25 +153,16 @@ def fit(
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             lr = engine.lr()
-            loss_sum, extras, grad_norm = 0.0, {}, None
-            for _ in range(cfg.grad_accum):
-                batch = _to_device(next(batches), dist.device)
-                loss, metrics = loss_fn(engine.model, batch)
-                engine.backward(loss)
-                grad_norm = engine.step()
-                loss_sum = loss_sum + loss.detach().float()
-                for k, v in metrics.items():
-                    extras[k] = extras.get(k, 0.0) + float(v)
+            micro = [_to_device(next(batches), dist.device) for _ in range(cfg.grad_accum)]
+            mean, extras, grad_norm = train_step(engine, micro, loss_fn, dist)
             step += 1
-            means = [loss_sum / cfg.grad_accum] + [torch.tensor(v / cfg.grad_accum) for v in extras.values()]
-            mean = _all_mean(torch.stack(means), dist)
             stopping = stop.agreed(dist)
             tps = tokens_per_step / (time.perf_counter() - t0)
             tokens += tokens_per_step
-            record = {"step": step, "loss": round(float(mean[0]), 6), "lr": lr, "grad_norm": _round(grad_norm),
+            record = {"step": step, "loss": round(float(mean), 6), "lr": lr, "grad_norm": _round(grad_norm),
                       "tokens": tokens, "tokens_per_s": round(tps, 1),
                       "mfu": round(tps / dist.world * flops_per_token / peak, 5)}
-            record.update({k: round(float(v), 6) for k, v in zip(extras, mean[1:].tolist())})
+            record.update({k: round(float(v), 6) for k, v in extras.items()})
             if eval_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 record["eval_loss"] = round(evaluate(engine, eval_data, loss_fn, dist), 6)
             record["elapsed"] = round(elapsed + time.perf_counter() - segment_start, 3)
@@ -189,6 +185,36 @@ def fit(
 
 # ---------------------------------------------------------------------------------------------------
 # Pieces of the loop
+
+
+def train_step(engine: Engine, micro: list[dict], loss_fn, dist: Dist) -> tuple[torch.Tensor, dict, Optional[float]]:
+    """One optimizer step over this rank's micro-batches; returns (the step's loss, mean metrics, grad norm).
+
+    The gradient is that of one big batch: the mean over every target token of the step, on every rank.
+    Each micro-batch's mean loss is weighted by its share of the step's target tokens (counted across
+    micro-batches and ranks, so short SFT rows or packed tails weigh what their tokens weigh). DeepSpeed
+    then divides each backward by grad_accum (`engine.backward` scales by 1/gradient_accumulation_steps)
+    and averages gradients over the data-parallel ranks (ZeRO 0-3 all divide the reduced gradient by the
+    world size), which the factor grad_accum × world undoes. Batches without labels (reward pairs) keep
+    equal weights. The returned loss is the step's true mean per target token over all ranks."""
+    k = len(micro)
+    if all("labels" in b for b in micro):
+        counts = torch.stack([target_tokens(b) for b in micro]).float()
+        total = _all_sum(counts.sum().reshape(1), dist)[0]
+        weights = (counts / total.clamp(min=1)).tolist()
+    else:
+        weights = [1.0 / (k * dist.world)] * k
+    loss_sum, extras, grad_norm = torch.zeros(()), {}, None
+    for batch, w in zip(micro, weights):
+        loss, metrics = loss_fn(engine.model, batch)
+        engine.backward(loss * (w * k * dist.world))
+        grad_norm = engine.step()
+        loss_sum = loss_sum + loss.detach().float().cpu() * w
+        for name, v in metrics.items():
+            extras[name] = extras.get(name, 0.0) + float(v) / k
+    if extras:
+        extras = dict(zip(extras, _all_mean(torch.tensor(list(extras.values())), dist).tolist()))
+    return _all_sum(loss_sum.reshape(1), dist)[0], extras, grad_norm
 
 
 def _resume_point(resume: str, ckpt_root: Path, metrics_path: Path, dist: Dist) -> Optional[Path]:
@@ -222,17 +248,28 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(engine: Engine, eval_data: Callable[[], Iterable[dict]], loss_fn, dist: Dist) -> float:
-    """Mean loss over the validation batches `eval_data()` yields (the same batches every time)."""
+    """Mean loss over the validation batches `eval_data()` yields (the same batches every time), per target
+    token where batches carry labels (as the training loss), else per batch."""
     engine.module.eval()
-    losses = [loss_fn(engine.model, _to_device(b, dist.device))[0].float() for b in eval_data()]
+    sums = torch.zeros(2)
+    for batch in eval_data():
+        batch = _to_device(batch, dist.device)
+        weight = target_tokens(batch).float().cpu() if "labels" in batch else torch.tensor(1.0)
+        sums += torch.stack([loss_fn(engine.model, batch)[0].detach().float().cpu() * weight, weight])
     engine.module.train()
-    if not losses:
-        return float("nan")
-    return float(_all_mean(torch.stack(losses).mean().reshape(1), dist)[0])
+    total, weight = _all_sum(sums, dist).tolist()
+    return total / weight if weight > 0 else float("nan")
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _all_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    t = t.detach().float().to(dist.device)
+    if dist.world > 1:
+        torch.distributed.all_reduce(t)
+    return t.cpu()
 
 
 def _all_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:

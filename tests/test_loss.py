@@ -1,0 +1,188 @@
+"""The loss: chunked head + cross-entropy equals the plain path, and a step's gradient is one big batch's."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from lm2cli.config import ModelConfig, TrainConfig
+from lm2cli.model import InternLM2
+from lm2cli.train.loss import linear_cross_entropy
+
+CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _labels(n, vocab, keep, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < keep, y, -100)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_chunked_loss_and_gradients_equal_the_plain_path(chunk):
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(50, 16, generator=g), torch.randn(40, 16, generator=g)
+    y = _labels(50, 40, 0.7, 1)
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    plain = F.cross_entropy(h @ w.t(), y, ignore_index=-100, reduction="sum")
+    plain.backward(torch.tensor(0.37))
+    hc, wc = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got = linear_cross_entropy(hc, wc, y, chunk=chunk)
+    got.backward(torch.tensor(0.37))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hc.grad, h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wc.grad, w.grad, rtol=1e-5, atol=1e-6)
+
+
+def _ce_grads(h0, w0, y, loss_of):
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    loss = loss_of(h, w)
+    loss.backward()
+    return loss.detach().double(), h.grad.double(), w.grad.double()
+
+
+def test_bf16_chunks_are_as_accurate_as_the_plain_bf16_path():
+    g = torch.Generator().manual_seed(2)
+    h0, w0 = torch.randn(64, 32, generator=g).bfloat16(), (0.2 * torch.randn(80, 32, generator=g)).bfloat16()
+    y = _labels(64, 80, 0.8, 3)
+    exact = _ce_grads(h0.double(), w0.double(), y, lambda h, w: F.cross_entropy(h @ w.t(), y, reduction="sum"))
+    plain = _ce_grads(h0, w0, y, lambda h, w: F.cross_entropy((h @ w.t()).float(), y, reduction="sum"))
+    chunked = _ce_grads(h0, w0, y, lambda h, w: linear_cross_entropy(h, w, y, chunk=9))
+    for want, base, got in zip(exact, plain, chunked):  # loss, d/dhidden, d/dweight (bf16 for bf16 inputs)
+        err_plain, err_chunked = (base - want).abs().max().item(), (got - want).abs().max().item()
+        assert err_chunked <= 1.5 * err_plain + 1e-4, (err_chunked, err_plain)
+
+
+def test_no_logits_sized_tensor_is_kept_for_backward():
+    n, v = 256, 512
+    h = torch.randn(n, 16, requires_grad=True)
+    w = torch.randn(v, 16, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        linear_cross_entropy(h, w, _labels(n, v, 1.0, 4), chunk=32)
+    assert kept and max(kept) < n * v / 8  # hidden, weight, labels, one log-sum-exp per token
+
+
+def test_model_loss_from_labels_equals_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    model = InternLM2(CFG)
+    ids = torch.randint(0, 96, (2, 24))
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)
+    y = _labels(48, 96, 0.6, 5).view(2, 24)
+    logits = model(ids, position_ids=pos)
+    F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = model(ids, position_ids=pos, labels=y)
+    total.backward()
+    torch.testing.assert_close(total, F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"),
+                               rtol=1e-5, atol=1e-5)
+    for a, b in zip(model.parameters(), want):
+        torch.testing.assert_close(a.grad, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lm_loss_of_a_batch_without_targets_is_zero_not_nan():
+    from lm2cli.train.loop import lm_loss
+
+    model = InternLM2(CFG)
+    batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "labels": torch.full((1, 8), -100)}
+    loss, _ = lm_loss(model, batch)
+    assert loss.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token-normalised accumulation: k micro-batches × r ranks give one big batch's gradient.
+
+K, ROWS, T = 3, 2, 12
+
+
+def _all_micro_batches(world: int) -> list[dict]:
+    """world × K micro-batches of packed rows, each with a different share of labelled tokens."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for i in range(world * K):
+        ids = torch.randint(0, CFG.vocab_size, (ROWS, T), generator=g)
+        keep = [0.95, 0.2, 0.6, 0.4, 0.8, 0.1][i % 6]
+        labels = _labels(ROWS * T, CFG.vocab_size, keep, 100 + i).view(ROWS, T)
+        pos = torch.cat([torch.arange(5), torch.arange(T - 5)]).expand(ROWS, T)
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+    return out
+
+
+def _one_big_batch_gradients(world: int) -> dict:
+    torch.manual_seed(0)
+    model = InternLM2(CFG)
+    batches = _all_micro_batches(world)
+    logits = model(torch.cat([b["input_ids"] for b in batches]), position_ids=torch.cat([b["position_ids"] for b in batches]))
+    labels = torch.cat([b["labels"] for b in batches])
+    F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    mean = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
+    return {"loss": mean, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+def _accumulated_gradients(out: Path | None = None) -> dict:
+    """Run on every rank: one `train_step` over this rank's K micro-batches, the gradients the optimizer sees."""
+    from lm2cli.train.engine import Engine, init_distributed
+    from lm2cli.train.loop import lm_loss, train_step
+
+    dist = init_distributed()
+    torch.manual_seed(0)
+    model = InternLM2(CFG)
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = TrainConfig(micro_batch_size=ROWS, grad_accum=K, grad_clip=0.0, max_steps=1, seq_len=T)
+    engine = Engine(model, cfg, 1, dist)
+    seen = {}
+
+    def capture(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                seen[names[id(p)]] = p.grad.detach().clone()
+
+    hook = register_optimizer_step_pre_hook(capture)
+    try:
+        micro = _all_micro_batches(dist.world)[dist.rank * K:(dist.rank + 1) * K]
+        loss, _, _ = train_step(engine, micro, lm_loss, dist)
+    finally:
+        hook.remove()
+    result = {"loss": float(loss), **seen}
+    if out is not None and dist.is_main:
+        torch.save(result, out)
+    return result
+
+
+def _assert_same(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)  # the logged loss: the mean per token
+    for name in want:
+        if name != "loss":
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batches_with_unequal_token_counts_give_one_big_batch_gradient():
+    _assert_same(_accumulated_gradients(), _one_big_batch_gradients(1))
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_times_micro_batches_give_one_big_batch_gradient(tmp_path):
+    from lm2cli.train.engine import clean_env, free_port
+
+    port, out = free_port(), tmp_path / "grads.pt"
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_loss; test_loss._accumulated_gradients({str(out)!r})"
+    procs = []
+    for rank in range(2):
+        env = {**clean_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=280)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    _assert_same(torch.load(out), _one_big_batch_gradients(2))
