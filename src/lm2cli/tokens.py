@@ -64,7 +64,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError, Lm2Error, WrongArtefact
-from .tokenizer import Tokenizer, prepared_files
+from .data.prepared import prepared_files
+from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .config import Recipe, TokenizeConfig
@@ -488,7 +489,7 @@ def _open_work(work: Path, job_key: str, job: dict, tok: Tokenizer, force: bool,
     if force or not job_file.exists() or json.loads(job_file.read_text()).get("key") != job_key:
         shutil.rmtree(work, ignore_errors=True)
         (work / "chunks").mkdir(parents=True)
-        tok.save(work / TOKENIZER_DIR)
+        tok.save(work / TOKENIZER_DIR, hf=False)  # the ids only: HF files belong in model folders
         atomic_write_text(job_file, json.dumps({"key": job_key, "chunk_bytes": chunk_bytes, **job}))
     return json.loads(job_file.read_text())["chunk_bytes"]
 
@@ -621,7 +622,7 @@ def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None,
     """
     from .console import log, print_json
     from .layout import require_input
-    from .tokenizer import resolve_workers
+    from .tokenizer.vocab import resolve_workers
 
     prepared, _ = require_input(prepared or (ws.prepared if ws.prepared.exists() else None), ("prepared",),
                                 "prepared data", "run `lm2 prepare` first or pass --input")
