@@ -82,9 +82,10 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from lm2cli.config import ModelConfig
-    from lm2cli.export import export_checkpoint
+    from lm2cli.convert import export_checkpoint
     from lm2cli.generate import generate
-    from lm2cli.model import InternLM2, load_model, save_model
+    from lm2cli.convert import load_model, save_model
+    from lm2cli.model import InternLM2
 
     cfg = ModelConfig(vocab_size=args.vocab, max_position_embeddings=args.prompt_len + args.new,
                       **PRESETS[args.preset])

@@ -132,7 +132,8 @@ def make_base(path: Path) -> Path:
 
     from lm2cli.config import ModelConfig, TokenizerConfig
     from lm2cli.layout import write_manifest
-    from lm2cli.model import InternLM2, save_model
+    from lm2cli.convert import save_model
+    from lm2cli.model import InternLM2
     from lm2cli.tokenizer import build_vocab
 
     tok, _ = build_vocab(TokenizerConfig(n_en=400, n_zh=0, n_spare=17), Counter())

@@ -10,7 +10,8 @@ import torch
 
 from lm2cli.config import ModelConfig, TokenizerConfig
 from lm2cli.layout import write_manifest
-from lm2cli.model import InternLM2, save_model
+from lm2cli.convert import save_model
+from lm2cli.model import InternLM2
 
 ZH_TEXT = ("今天天气很好，我们去公园散步。北京是中国的首都，上海是一座大城市。一加一等于二，二加三等于五。"
            "问题：请重复这个词。答案：苹果、河流、蜡烛、橙子、窗户、花园。日本的首都是东京。草是绿色的。") * 3

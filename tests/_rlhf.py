@@ -9,7 +9,8 @@ import torch
 
 from lm2cli.config import ModelConfig, TokenizerConfig
 from lm2cli.layout import Workspace, write_manifest
-from lm2cli.model import InternLM2, save_model
+from lm2cli.convert import save_model
+from lm2cli.model import InternLM2
 
 
 @functools.lru_cache(maxsize=1)

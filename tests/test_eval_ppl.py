@@ -55,7 +55,7 @@ def _hf_nll(hf, ids, bos):
 
 def test_bits_per_byte_matches_transformers_llama_export(scored, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lm2cli.export import export_checkpoint
+    from lm2cli.convert import export_checkpoint
 
     ckpt, _, res = scored
     hf_dir = export_checkpoint(ckpt, tmp_path / "llama", fmt="llama")

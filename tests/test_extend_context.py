@@ -15,7 +15,8 @@ from lm2cli.config import ExtendContextConfig, ModelConfig
 from lm2cli.errors import InputError
 from lm2cli.extend_context import extended_model_config, resolve_config
 from lm2cli.layout import write_manifest
-from lm2cli.model import InternLM2, effective_rope_base, load_model, rope_cos_sin, rope_inv_freq, save_model
+from lm2cli.convert import load_model, save_model
+from lm2cli.model import InternLM2, effective_rope_base, rope_cos_sin, rope_inv_freq
 
 SRC = ModelConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=64, rope_theta=50_000.0)

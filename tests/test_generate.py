@@ -14,7 +14,8 @@ from lm2cli.config import ModelConfig, TokenizerConfig
 from lm2cli.errors import InputError
 from lm2cli.generate import default_stop_ids, generate, score_logprobs
 from lm2cli.layout import write_manifest
-from lm2cli.model import InternLM2, save_model
+from lm2cli.convert import save_model
+from lm2cli.model import InternLM2
 from lm2cli.tokenizer import build_vocab
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2,

@@ -8,8 +8,9 @@ import torch
 
 from lm2cli.config import ModelConfig
 from lm2cli.errors import InputError
-from lm2cli.export import export_checkpoint, from_llama_state, fuse_wqkv, split_wqkv, to_llama_state
-from lm2cli.model import InternLM2, KVCache, effective_rope_base, load_model, rope_inv_freq, save_model
+from lm2cli.convert import export_checkpoint, from_llama_state, fuse_wqkv, split_wqkv, to_llama_state
+from lm2cli.convert import load_model, save_model
+from lm2cli.model import InternLM2, KVCache, effective_rope_base, rope_inv_freq
 
 CFG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=50_000.0)

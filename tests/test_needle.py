@@ -12,7 +12,8 @@ from lm2cli.cli import app
 from lm2cli.config import ModelConfig, NeedleConfig, TokenizerConfig
 from lm2cli.evaluate import needle as N
 from lm2cli.layout import Workspace, write_manifest
-from lm2cli.model import InternLM2, save_model
+from lm2cli.convert import save_model
+from lm2cli.model import InternLM2
 from lm2cli.tokenizer import Tokenizer, build_vocab
 
 
@@ -239,7 +240,7 @@ def test_lm2_needle_on_a_checkpoint_writes_results_summary_and_heatmaps(workspac
 
 
 def test_lm2_needle_on_the_llama_export_gives_the_same_answers(workspace):
-    from lm2cli.export import export_checkpoint
+    from lm2cli.convert import export_checkpoint
 
     final = workspace.stage_dir("pretrain-stage1") / "final"
     hf = export_checkpoint(final, workspace.root / "hf-llama", "llama")

@@ -253,7 +253,8 @@ def test_perplexity_filter_scores_with_an_lm2_checkpoint(tmp_path):
     import torch
 
     from lm2cli.config import ModelConfig, TokenizerConfig
-    from lm2cli.model import InternLM2, save_model
+    from lm2cli.convert import save_model
+    from lm2cli.model import InternLM2
     from lm2cli.tokenizer import build_vocab
 
     tok, _ = build_vocab(TokenizerConfig(n_en=256, n_zh=16, n_spare=16), Counter({"中文": 5}))

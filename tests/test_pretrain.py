@@ -15,7 +15,7 @@ from _train_ws import TINY_MODEL, build_tokens, workspace_with_tokens
 from lm2cli.config import load_recipe
 from lm2cli.errors import InputError, WrongArtefact
 from lm2cli.layout import read_manifest
-from lm2cli.model import load_model
+from lm2cli.convert import load_model
 from lm2cli.pretrain import run_pretrain
 from lm2cli.train.engine import clean_env
 from lm2cli.train.loop import read_metrics

@@ -14,7 +14,7 @@ from lm2cli.align.ppo import PromptSampler, build_rollout, repetition, response_
 from lm2cli.align.run import run_ppo, run_reward
 from lm2cli.cli import main
 from lm2cli.config import load_recipe
-from lm2cli.model import load_model
+from lm2cli.convert import load_model
 
 
 def _rollout():

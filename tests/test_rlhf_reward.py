@@ -10,7 +10,7 @@ from lm2cli.align.records import Pair, load_records, parse_pair, rm_prefix, rm_s
 from lm2cli.align.reward_model import (PairStream, RewardModel, encode_pair, evaluate, load_reward_model, pair_batches,
                                        right_pad, save_reward_model, split_held_out, token_budget_groups, encode_pairs)
 from lm2cli.errors import WrongArtefact
-from lm2cli.model import save_model
+from lm2cli.convert import save_model
 
 CONDS = {"default": "", "brief": "Answer with the result only.", "detailed": "Show the working."}
 

@@ -12,7 +12,8 @@ from lm2cli import synthetic
 from lm2cli.config import ModelConfig, TokenizerConfig, load_recipe
 from lm2cli.errors import InputError
 from lm2cli.layout import Workspace, read_manifest, write_manifest
-from lm2cli.model import InternLM2, load_model, save_model
+from lm2cli.convert import load_model, save_model
+from lm2cli.model import InternLM2
 from lm2cli.sft import RowBatches, run_sft
 from lm2cli.tokenizer import Tokenizer, build_vocab
 

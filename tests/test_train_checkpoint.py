@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from lm2cli.config import ModelConfig, TrainConfig
 from lm2cli.layout import read_manifest
-from lm2cli.model import InternLM2, load_model
+from lm2cli.convert import load_model
+from lm2cli.model import InternLM2
 from lm2cli.tokens import TokenStore
 from lm2cli.train import checkpoint as ckpt_mod
 from lm2cli.train.checkpoint import AsyncCheckpointer, find_resume, list_steps, verify

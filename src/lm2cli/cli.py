@@ -413,15 +413,21 @@ def rlhf_online(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="An lm2 checkpoint or final/ folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (HF format)."),
-    fmt: str = typer.Option("internlm2", "--format", help="internlm2 (fused wqkv) or llama (q/k/v split)."),
+    checkpoint: Path = typer.Argument(..., help="A model folder: an lm2 final/ or checkpoint, an export, or a "
+                                      "released InternLM2 / Llama HF folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (HF formats) or FILE.gguf."),
+    fmt: str = typer.Option("internlm2", "--format", help="internlm2 (HF folder, fused wqkv, runs with "
+                            "trust_remote_code), llama (HF folder for LlamaForCausalLM) or gguf (llama.cpp)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="f32, f16 or bf16 (default: the checkpoint's)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="HF formats: split weights into shards "
+                                       "of at most this size, with model.safetensors.index.json."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Export a checkpoint as an HF folder: config.json, model.safetensors, tokenizer files."""
-    from .export import export_checkpoint
+    """Export a model for transformers, vLLM/LMDeploy (HF folder with config, weights, tokenizer and chat
+    template) or llama.cpp (one GGUF file)."""
+    from .convert import export_checkpoint
 
-    path = export_checkpoint(checkpoint, out, fmt)
+    path = export_checkpoint(checkpoint, out, fmt, dtype=dtype, max_shard_size=max_shard_size)
     if json_out:
         from .console import print_json
 

@@ -119,7 +119,7 @@ def run_extend_context(
 ) -> Path:
     """Extend a checkpoint's context and train at it into runs/<run>/extend-context/; returns that folder."""
     from .console import log, print_json, warn
-    from .model import load_model, read_config
+    from .convert import load_model, read_config
     from .pretrain import _check_same_tokenizer, _eval_data
     from .tokens import TokenStore
     from .train.data import PackedStream

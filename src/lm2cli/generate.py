@@ -209,7 +209,7 @@ def resolve_checkpoint(ws, run: str, checkpoint=None):
 
 def load_for_inference(checkpoint, device: Optional[str] = None):
     """(model, tokenizer) from a checkpoint folder; bf16 on a GPU, fp32 otherwise."""
-    from .model import load_model
+    from .convert import load_model
     from .tokenizer import Tokenizer
 
     if device is None:

@@ -11,16 +11,13 @@ Packed samples: when `position_ids` are given, a new document starts wherever th
 to 0, and attention stays inside each document (SPEC §5.2, P11); `attention.attend` computes that
 without a T×T mask.
 
-Public API: `InternLM2(cfg)`, `KVCache`, `save_model`, `load_model`, `rope_inv_freq`,
-`effective_rope_base`.
+Public API: `InternLM2(cfg)`, `KVCache`, `rope_inv_freq`, `effective_rope_base`. Checkpoint formats
+(HF InternLM2 / Llama folders, GGUF) live in `convert.py`; this file knows none.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -313,82 +310,3 @@ class InternLM2(nn.Module):
         """Training FLOPs per token: 6·(matmul params) + 12·L·H·T for attention (PaLM appendix B)."""
         c = self.config
         return 6.0 * self.num_params(non_embedding=True) + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint I/O: HF-style folders (config.json + model.safetensors), never pickles.
-
-WEIGHTS = "model.safetensors"
-
-
-def save_model(model: InternLM2, path: str | Path, tokenizer=None, dtype: Optional[torch.dtype] = None) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS), metadata={"format": "pt", "lm2": "internlm2"})
-    hf = model.config.to_hf_dict()
-    if dtype is not None:
-        hf["torch_dtype"] = str(dtype).replace("torch.", "")
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    stop = [model.config.eos_token_id]
-    if tokenizer is not None:
-        tokenizer.save(path)
-        stop = list(tokenizer.stop_ids)
-    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": stop, "pad_token_id": model.config.pad_token_id}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return path
-
-
-def read_config(path: str | Path) -> tuple[ModelConfig, str]:
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise InputError(f"{path} is not a model checkpoint (no config.json)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg_file} is not valid JSON: {e}") from None
-    model_type = raw.get("model_type", "internlm2")
-    if model_type == "llama":
-        from .export import llama_config_to_model_config
-
-        return llama_config_to_model_config(raw), model_type
-    if model_type != "internlm2":
-        raise InputError(f"{path} holds a {model_type!r} model; lm2 loads internlm2 or llama checkpoints")
-    return ModelConfig.from_hf_dict(raw), model_type
-
-
-def load_model(path: str | Path, dtype: Optional[torch.dtype] = None, device=None, **config_overrides) -> InternLM2:
-    """Any lm2 checkpoint, `final/` folder, or HF export (internlm2 or llama format) → `InternLM2`.
-
-    `config_overrides` (e.g. `rope_scaling={"type": "dynamic", "factor": 2.0}`) change the config
-    before the weights load: inference-time settings only.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg, model_type = read_config(path)
-    if config_overrides:
-        cfg = dataclasses.replace(cfg, **config_overrides)
-    weights = path / WEIGHTS
-    if not weights.exists():
-        raise InputError(f"{path} has no {WEIGHTS}")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise InputError(f"{weights} is unreadable ({e}); the checkpoint is corrupt or partial") from None
-    if model_type == "llama":
-        from .export import from_llama_state
-
-        state = from_llama_state(state, cfg)
-    with torch.device("meta"):
-        model = InternLM2(cfg)
-    model = model.to_empty(device=device or "cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()

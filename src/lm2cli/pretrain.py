@@ -60,7 +60,8 @@ def build_model(recipe: Recipe, cfg: TrainConfig, tok, source: Optional[Path]):
     RoPE base and context length."""
     import torch
 
-    from .model import InternLM2, load_model
+    from .convert import load_model
+    from .model import InternLM2
 
     if source is None:
         mc = recipe.model

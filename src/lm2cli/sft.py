@@ -132,7 +132,8 @@ def build_model(source: Path, max_len: int, tok):
     """The source weights with a context of at least `max_len` (RoPE settings unchanged)."""
     import torch
 
-    from .model import InternLM2, load_model
+    from .convert import load_model
+    from .model import InternLM2
 
     src = load_model(source)
     if tok.vocab_size > src.config.vocab_size:

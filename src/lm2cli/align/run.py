@@ -231,7 +231,7 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
             from_: Optional[Path] = None, reward: Optional[Path] = None, ptx: Optional[str] = None,
             resume: str = "auto", json_out: bool = False, stage_dir: Optional[Path] = None) -> Path:
     """PPO into runs/<run>/rlhf-ppo/ (or `stage_dir`); returns the folder."""
-    from ..model import load_model, save_model
+    from ..convert import load_model, save_model
     from ..sft import build_model, load_tokenizer
     from ..tokenizer import Tokenizer
     from ..train.checkpoint import AsyncCheckpointer, restore, step_name

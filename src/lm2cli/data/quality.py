@@ -164,7 +164,7 @@ class PerplexityScorer:
         try:
             import torch  # noqa: F401
 
-            from ..model import load_model
+            from ..convert import load_model
             from ..tokenizer import Tokenizer
         except ImportError as e:
             raise InputError(f"the perplexity filter needs lm2's model and tokenizer modules: {e}") from None

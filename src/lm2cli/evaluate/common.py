@@ -41,7 +41,7 @@ def load_checkpoint(checkpoint: Path, rope_scaling: dict | None = None, device=N
     """(model in eval mode, tokenizer). `rope_scaling` overrides the saved one (e.g. dynamic NTK)."""
     import torch
 
-    from ..model import load_model
+    from ..convert import load_model
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -539,7 +539,7 @@ def run_needle(
 
     from ..console import log, print_json, progress, warn
     from ..layout import atomic_write_text, staging_dir, write_manifest
-    from ..model import load_model
+    from ..convert import load_model
     from .common import load_tokenizer, resolve_checkpoint
 
     cfg = resolve_config(recipe.eval.needle, mode=mode, lengths=lengths, depths=depths, repeats=repeats,

@@ -294,7 +294,7 @@ class AsyncCheckpointer:
             self._error = e
 
     def _write_main(self, job: _Save) -> None:
-        from ..model import save_model
+        from ..convert import save_model
 
         export = self.export or save_model
         export(_Weights(self.model_config, job.weights), job.dir, self.tokenizer)

@@ -377,7 +377,7 @@ def _load_converted(model, folder: Path, params: dict, dist: Dist, strict: bool)
     try:
         from ..convert import load_model as load_any
     except ImportError:
-        from ..model import load_model as load_any
+        from ..convert import load_model as load_any
     partitioned = is_partitioned(model)
     state, error = {}, None
     if dist.is_main or not partitioned:  # a foreign layout: converted whole on the host, by one rank

@@ -334,7 +334,7 @@ class _StopFlag:
 
 def _finish(engine: Engine, cfg, stage_dir: Path, kind: str, dist: Dist, tokenizer, inputs: list[Path],
             export, start_ckpt, step: int, tokens: int, train_seconds: float, t_start: float) -> FitResult:
-    from ..model import save_model
+    from ..convert import save_model
 
     final = stage_dir / "final"
     history = read_metrics(stage_dir / METRICS) if dist.is_main else []
