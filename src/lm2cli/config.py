@@ -483,7 +483,17 @@ class PPOConfig:
     grad_clip: float = 1.0
     ppo_epochs: int = 1
     minibatches: int = 1  # optimiser steps per PPO epoch, each on a share of the iteration's responses
-    generate_batch_size: int = 32
+    generate_batch_size: int = 32  # prompts decoded together (a rollout micro-batch, per rank)
+    micro_batch_size: int = 8  # responses per forward/backward when scoring and updating (per rank)
+    # Scale (SPEC §6.2 sharding as in pretraining): the actor and critic are DeepSpeed engines with this
+    # ZeRO stage and precision (bf16 keeps fp32 master weights and accumulates gradients in fp32, and
+    # needs ZeRO >= 1); under ZeRO-3 the reference and reward model are ZeRO-3-sharded too.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    sharding: Literal["full-replica", "partial", "full"] = "full-replica"
+    zero_stage: Optional[int] = None  # overrides the stage that `sharding` implies
+    activation_checkpointing: bool = False
+    frozen_offload: bool = False  # reference and reward model parameters in CPU memory (ZeRO-3 inference)
+    rollout_backend: str = "lm2"  # who generates rollouts (align/rollout.py); lm2's own generate by default
     save_every: int = 25
     keep_last: int = 2
     seed: int = 0
@@ -500,6 +510,15 @@ class PPOConfig:
         _check(self.actor_lr > 0 and self.critic_lr > 0, "rlhf.ppo.actor_lr and critic_lr must be positive")
         _check(self.ppo_epochs >= 1 and self.minibatches >= 1, "rlhf.ppo.ppo_epochs and minibatches must be >= 1")
         _check(self.save_every >= 1 and self.keep_last >= 1, "rlhf.ppo.save_every and keep_last must be >= 1")
+        _check(self.micro_batch_size >= 1 and self.generate_batch_size >= 1,
+               "rlhf.ppo.micro_batch_size and generate_batch_size must be >= 1")
+        _check(self.zero_stage in (None, 0, 1, 2, 3), "rlhf.ppo.zero_stage must be 0, 1, 2 or 3")
+
+    @property
+    def resolved_zero_stage(self) -> int:
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return {"full-replica": 0, "partial": 2, "full": 3}[self.sharding]
 
 
 @dataclass

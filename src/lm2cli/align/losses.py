@@ -69,10 +69,13 @@ def reward_loss(
 # PPO (SPEC §8.3)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
+                tokens: Optional[float] = None) -> torch.Tensor:
+    """Mean of `x` over the mask; with `tokens`, the masked sum over that many tokens instead, so that
+    micro-batches (and ranks) that each hold part of a minibatch add up to the minibatch's mean."""
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+        return (x * mask).sum() / (max(float(tokens), 1.0) if tokens is not None else mask.sum().clamp(min=1.0))
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
@@ -138,17 +141,19 @@ def gae(
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
+    tokens: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate max(−A·ρ, −A·clip(ρ, 1 ± ε)) averaged over response tokens."""
+    """Clipped surrogate max(−A·ρ, −A·clip(ρ, 1 ± ε)) averaged over response tokens (over `tokens` of them
+    when given: see `masked_mean`; the stats are then shares of the same total)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, tokens=tokens)
     with torch.no_grad():
         stats = {
-            "ratio": masked_mean(ratio, mask).item(),
-            "clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "ratio": masked_mean(ratio, mask, tokens=tokens).item(),
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask, tokens=tokens).item(),
         }
     return loss, stats
 
@@ -159,13 +164,15 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     value_clip: Optional[float] = None,
+    tokens: Optional[float] = None,
 ) -> torch.Tensor:
-    """Mean squared error to the returns over response tokens; with `value_clip`, PPO2's pessimistic clip."""
+    """Mean squared error to the returns over response tokens (or over `tokens`, see `masked_mean`);
+    with `value_clip`, PPO2's pessimistic clip."""
     err = (values - returns) ** 2
     if value_clip:
         v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
         err = torch.maximum(err, (v_clipped - returns) ** 2)
-    return masked_mean(err, mask)
+    return masked_mean(err, mask, tokens=tokens)
 
 
 def ptx_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

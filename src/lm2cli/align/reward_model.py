@@ -27,8 +27,7 @@ import torch.nn as nn
 
 from ..chat import Rejected
 from ..errors import InputError, WrongArtefact
-from ..convert import load_model, save_model
-from ..model import InternLM2
+from ..model import InternLM2, load_model, save_model
 from .losses import reward_loss
 from .records import Pair, encode_text, rm_prefix, rm_sequence
 
@@ -53,9 +52,12 @@ class RewardModel(nn.Module):
         hidden = self.backbone(input_ids, return_hidden=True)
         return self.head(hidden).squeeze(-1).float()
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """[B] scores, read at each row's last real token (the reward token)."""
+    def forward(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B] scores, read at each row's last real token (the reward token); without `lengths`, the [B, T]
+        values (PPO's critic). One entry point, so a DeepSpeed engine's per-forward hooks see every call."""
         v = self.values(input_ids)
+        if lengths is None:
+            return v
         return v[torch.arange(v.shape[0], device=v.device), lengths.to(v.device) - 1]
 
 
@@ -239,11 +241,13 @@ def make_loss_fn(gamma: float, barrier_lambda: float, bound: float):
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, batches: Iterable[dict]) -> dict:
-    """Held-out accuracy overall and per condition, mean scores, and the score range."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def tally(model, batches: Iterable[dict]) -> dict:
+    """Per-condition counts (pairs, correct, score sums) and the score range over `batches`; tallies of
+    disjoint batch sets add up (`merge_tallies`), which is how ranks evaluate shares of the data."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
     per: dict[str, dict] = {}
     lo, hi = float("inf"), float("-inf")
     for batch in batches:
@@ -256,9 +260,26 @@ def evaluate(model: RewardModel, batches: Iterable[dict]) -> dict:
             s["correct"] += int(c > r)
             s["chosen"] += c
             s["rejected"] += r
-    model.train(was_training)
+    module.train(was_training)
+    return {"per": per, "lo": lo, "hi": hi}
+
+
+def merge_tallies(tallies: list[dict]) -> dict:
+    per: dict[str, dict] = {}
+    for t in tallies:
+        for cond, s in t["per"].items():
+            into = per.setdefault(cond, {"n": 0, "correct": 0, "chosen": 0.0, "rejected": 0.0})
+            for k in into:
+                into[k] += s[k]
+    return {"per": per, "lo": min((t["lo"] for t in tallies), default=float("inf")),
+            "hi": max((t["hi"] for t in tallies), default=float("-inf"))}
+
+
+def summarize(t: dict) -> dict:
+    """Held-out accuracy overall and per condition, mean scores, and the score range."""
+    per, lo, hi = t["per"], t["lo"], t["hi"]
     n = sum(s["n"] for s in per.values())
-    out = {
+    return {
         "pairs": n,
         "accuracy": sum(s["correct"] for s in per.values()) / n if n else None,
         "per_condition": {
@@ -269,7 +290,23 @@ def evaluate(model: RewardModel, batches: Iterable[dict]) -> dict:
         "score_min": lo if n else None,
         "score_max": hi if n else None,
     }
-    return out
+
+
+def evaluate(model: RewardModel, batches: Iterable[dict]) -> dict:
+    """Accuracy overall and per condition, mean scores, and the score range, on one process."""
+    return summarize(tally(model, batches))
+
+
+def evaluate_distributed(model, batches: list[dict], dist) -> dict:
+    """`evaluate` with the batches dealt over the ranks (every rank calls it; under ZeRO-3 each rank runs
+    the same number of forwards, the short shares repeating a batch whose result is dropped)."""
+    from .frozen import gather_objects, padded_share
+
+    mine, real = padded_share(batches, dist)
+    t = tally(model, mine[:real])
+    if len(mine) > real:  # keep the collective forwards in step; nothing of it is counted
+        tally(model, mine[real:])
+    return summarize(merge_tallies(gather_objects(t, dist)))
 
 
 @torch.no_grad()
@@ -284,38 +321,49 @@ def score_sequences(model: RewardModel, seqs: list[list[int]], pad_id: int, batc
 
 
 class PairStream:
-    """Pair batches for `fit`: a seeded shuffle per epoch, grouped by token budget; its position is
-    (epoch, batch), so a resumed run continues on the very next batch."""
+    """Pair batches for `fit`: a seeded shuffle per epoch, grouped by token budget. Batches are numbered
+    across epochs; rank r of W takes batch k + r where k counts the batches every rank has consumed, so
+    each rank trains different pairs and the position (one integer) is the same on every rank: a resumed
+    run continues on the very next batch, whatever its world size."""
 
-    def __init__(self, pairs: list[EncodedPair], tokens_per_batch: int, pad_id: int, seed: int):
+    def __init__(self, pairs: list[EncodedPair], tokens_per_batch: int, pad_id: int, seed: int, rank: int = 0,
+                 world: int = 1):
         if not pairs:
             raise InputError("no preference pairs to train on")
         self.pairs, self.tokens_per_batch, self.pad_id, self.seed = pairs, tokens_per_batch, pad_id, seed
-        self.epoch, self.index = 0, 0
-        self._batches: Optional[list[dict]] = None
+        self.rank, self.world = rank, world
+        self.consumed = 0
+        self._epoch, self._batches = -1, None
+        self._per_epoch = len(token_budget_groups(pairs, tokens_per_batch))
 
     def batches_per_epoch(self) -> int:
-        return len(token_budget_groups(self.pairs, self.tokens_per_batch))
+        return self._per_epoch
 
     def __iter__(self) -> "PairStream":
         return self
 
-    def __next__(self) -> dict:
-        if self._batches is None:
+    def _batch(self, j: int) -> dict:
+        epoch, i = divmod(j, self._per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
             self._batches = pair_batches(self.pairs, self.tokens_per_batch, self.pad_id,
-                                         seed=self.seed * 1_000_003 + self.epoch)
-        batch = self._batches[self.index]
-        self.index += 1
-        if self.index == len(self._batches):
-            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
+                                         seed=self.seed * 1_000_003 + epoch)
+        return self._batches[i]
+
+    def __next__(self) -> dict:
+        batch = self._batch(self.consumed + self.rank)
+        self.consumed += self.world
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "pairs": len(self.pairs), "seed": self.seed}
+        return {"batches_consumed": self.consumed, "pairs": len(self.pairs), "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("pairs") != len(self.pairs) or state.get("seed") != self.seed:
             raise InputError(f"the checkpoint was trained on {state.get('pairs')} pairs (seed {state.get('seed')}), "
                              f"this data has {len(self.pairs)} (seed {self.seed}); resume with the same data and "
                              "recipe, or pass --resume never")
-        self.epoch, self.index, self._batches = int(state["epoch"]), int(state["index"]), None
+        if "batches_consumed" in state:
+            self.consumed = int(state["batches_consumed"])
+        else:  # written by lm2 before rank-sharded streams: (epoch, index)
+            self.consumed = int(state["epoch"]) * self._per_epoch + int(state["index"])

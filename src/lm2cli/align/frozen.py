@@ -1,0 +1,124 @@
+"""Models that score but never train (PPO's reference and reward model, the reward model's evaluation),
+and how the ranks of an RLHF run share work.
+
+`frozen(model, dist, precision, zero3, offload)` puts a model in the run's precision and either keeps a
+whole copy per rank (ZeRO 0–2 runs: the forward is local) or hands it to DeepSpeed's ZeRO-3 inference
+engine (no optimizer: parameters are partitioned over the ranks and each layer is gathered for its
+forward, optionally from CPU memory with `offload`). A ZeRO-3 frozen model is called *collectively*:
+every rank must run the same number of forwards, which is why work is split into equal shares.
+
+    share(n, dist)              this rank's contiguous slice of n items (n must divide evenly)
+    padded_share(items, dist)   this rank's items of a list, padded (by repeating) to an equal count
+    gather_objects(x, dist)     every rank's x, in rank order, on every rank
+    frozen_hash(model)          sha256 of a frozen model's weights as it computes (gathered under ZeRO-3)
+
+This module is the RLHF side of H4a's frozen/inference engine in `train/engine.py`; once that lands, the
+DeepSpeed call below moves there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..errors import InputError
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def frozen(model: torch.nn.Module, dist, precision: str = "fp32", zero3: bool = False, offload: bool = False):
+    """The model ready to score: eval mode, no gradients, in `precision`; a ZeRO-3 inference engine when
+    `zero3` (callable like the module; `.module` is the module), else the module itself on the device."""
+    model.requires_grad_(False)
+    model.eval()
+    if not zero3:
+        return model.to(device=dist.device, dtype=dtype_of(precision))
+    import deepspeed
+
+    zero: dict[str, Any] = {"stage": 3}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": dist.device.type == "cuda"}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": dist.world,
+              "bf16": {"enabled": precision == "bf16"}, "zero_optimization": zero, "steps_per_print": 2**31 - 1}
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
+def module_of(model) -> torch.nn.Module:
+    """The plain module behind a frozen model or a DeepSpeed engine."""
+    return getattr(model, "module", model)
+
+
+def is_sharded(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in module_of(model).parameters())
+
+
+@contextlib.contextmanager
+def whole(model) -> Iterator[torch.nn.Module]:
+    """The module with every parameter gathered for the block (collective under ZeRO-3)."""
+    module = module_of(model)
+    if is_sharded(model):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield module
+    else:
+        yield module
+
+
+def frozen_hash(model) -> str:
+    """sha256 over the weights (names and bytes, in order) as the model computes with them."""
+    from .ppo import state_hash
+
+    with whole(model) as module:
+        return state_hash(module)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splitting work across ranks
+
+
+def share(n: int, dist, what: str = "items") -> slice:
+    """This rank's contiguous share of n items; n must be a multiple of the world size."""
+    if n % dist.world:
+        raise InputError(f"{n} {what} do not split evenly over {dist.world} ranks; use a multiple of {dist.world}")
+    k = n // dist.world
+    return slice(dist.rank * k, (dist.rank + 1) * k)
+
+
+def padded_share(items: list, dist) -> tuple[list, int]:
+    """(this rank's items, how many of them are real): item i goes to rank i mod world; shorter shares
+    repeat their last item (or the list's first) so every rank runs the same number of forwards."""
+    mine = items[dist.rank::dist.world]
+    count = -(-len(items) // dist.world) if items else 0
+    real = len(mine)
+    filler = (mine or items)[-1:] if items else []
+    return mine + filler * (count - real), real
+
+
+def gather_objects(obj: Any, dist) -> list:
+    """Every rank's `obj` (picklable), in rank order."""
+    if dist.world == 1:
+        return [obj]
+    out: list[Optional[Any]] = [None] * dist.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: list[float], dist) -> list[float]:
+    """Element-wise sum over ranks."""
+    if dist.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(dist) -> None:
+    if dist.world > 1:
+        torch.distributed.barrier()
