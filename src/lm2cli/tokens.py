@@ -64,8 +64,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError, Lm2Error, WrongArtefact
-from .data.prepared import prepared_files
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, prepared_files
 
 if TYPE_CHECKING:
     from .config import Recipe, TokenizeConfig
@@ -414,8 +413,25 @@ def tokenize_dir(
     chunk_bytes: int | None = None,
     tokenizer_source: str = "",
     tokenizer_dir: Path | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
-    """Tokenize a prepared folder into `out`; returns the manifest. Resumes unfinished work."""
+    """Tokenize a prepared folder into `out`; returns the manifest. Resumes unfinished work.
+
+    `engine` "ray" tokenizes the chunks as Ray tasks (each worker loads the job's saved tokenizer) on the
+    cluster at `ray_address`; the chunks, their order and so the shards are the same as locally.
+    """
+    from .layout import artefact_lock
+
+    with artefact_lock(out):
+        return _tokenize_dir(prepared, out, tok, cfg, workers=workers, force=force, chunk_bytes=chunk_bytes,
+                             tokenizer_source=tokenizer_source, tokenizer_dir=tokenizer_dir, engine=engine,
+                             ray_address=ray_address)
+
+
+def _tokenize_dir(prepared: Path, out: Path, tok: Tokenizer, cfg: TokenizeConfig, *, workers: int, force: bool,
+                  chunk_bytes: int | None, tokenizer_source: str, tokenizer_dir: Path | None, engine: str,
+                  ray_address: str | None) -> dict:
     from .console import log, progress
     from .layout import describe_input, staging_dir, write_manifest
 
@@ -453,7 +469,11 @@ def tokenize_dir(
     n_tokens = sum(_count(r) for r in done.values())
     mb = round(sum(c.end - c.start for c in todo) / 1e6, 1)
     # workers first: they fork before the progress bar starts its thread
-    with _chunk_results(todo, work, settings, workers, tok) as results, progress("tokenize MB", total=mb) as task:
+    if engine == "ray":
+        chunk_results = _ray_chunk_results(todo, work, settings, ray_address)
+    else:
+        chunk_results = _chunk_results(todo, work, settings, workers, tok)
+    with chunk_results as results, progress("tokenize MB", total=mb) as task:
         for result in results:
             done[result["id"]] = result
             n_tokens += _count(result)
@@ -532,6 +552,27 @@ def _chunk_results(todo: list[Chunk], work: Path, settings: dict, workers: int, 
 
 def _tokenize_chunk_args(args: tuple[Chunk, str]) -> dict:
     return _tokenize_chunk(*args)
+
+
+@contextlib.contextmanager
+def _ray_chunk_results(todo: list[Chunk], work: Path, settings: dict, address: str | None) -> Iterator[Iterator[dict]]:
+    """The chunks as Ray tasks (retried when a worker dies; a chunk's files are rewritten whole and its marker
+    comes last, so a retry is harmless); results in completion order."""
+    from .data.executors import RayExecutor
+
+    executor = RayExecutor(address or "auto")
+    try:
+        yield executor.map(_tokenize_chunk_task, [(c, str(work), str(work / TOKENIZER_DIR), settings) for c in todo])
+    finally:
+        executor.close()
+
+
+def _tokenize_chunk_task(chunk: Chunk, work: str, tokenizer_dir: str, settings: dict) -> dict:
+    """One chunk on an executor's worker (Ray): load the job's tokenizer once per worker process."""
+    if _WORKER.get("dir") != tokenizer_dir or _WORKER.get("settings") != settings:
+        _init_worker(tokenizer_dir, settings)
+        _WORKER["dir"] = tokenizer_dir
+    return _tokenize_chunk(chunk, work)
 
 
 def _assemble(results: list[dict], work: Path, out: Path, vocab_size: int, dtype: np.dtype) -> dict:
@@ -614,7 +655,8 @@ def _stats(splits: dict, rejected: list[dict], total_bytes: int, seconds: float,
 
 
 def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None, tokenizer: str | None = None,
-                 workers: int | None = None, force: bool = False, json_out: bool = False) -> Path:
+                 workers: int | None = None, force: bool = False, json_out: bool = False, engine: str | None = None,
+                 ray_address: str | None = None) -> Path:
     """`lm2 tokenize`: <workdir>/data/prepared/ -> <workdir>/data/tokens/ (manifest kind `tokens`).
 
     `tokenizer`: a saved tokenizer folder, `cl100k` for the default one, or None for the workspace's
@@ -629,7 +671,8 @@ def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None,
     tok, source, tok_dir = resolve_tokenizer(ws, tokenizer)
     n = resolve_workers(workers if workers is not None else recipe.tokenize.workers)
     manifest = tokenize_dir(prepared, ws.tokens, tok, recipe.tokenize, workers=n, force=force, tokenizer_source=source,
-                            tokenizer_dir=tok_dir)
+                            tokenizer_dir=tok_dir, engine=engine or recipe.tokenize.engine,
+                            ray_address=ray_address or recipe.tokenize.ray_address)
     stats = manifest["stats"]
     if json_out:
         print_json({"tokens": str(ws.tokens), "tokenizer": manifest["tokenizer"], **stats})

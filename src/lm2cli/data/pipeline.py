@@ -654,12 +654,12 @@ def parse_types(items: Iterable[str]) -> dict:
 
 
 def prepare_main(inputs, workdir, recipe, types: list[str], workers=None, shard=None, force=False,
-                 json_out=False) -> dict:
+                 json_out=False, engine=None, ray_address=None) -> dict:
     from ..console import err, log, print_json
 
     ws = Workspace.at(workdir)
     stats = run_prepare(inputs, ws, recipe.prepare, workers=workers, shard=shard, force=force,
-                        types=parse_types(types), recipe_name=recipe.name)
+                        types=parse_types(types), recipe_name=recipe.name, engine=engine, ray_address=ray_address)
     if json_out:
         print_json({"prepared": str(ws.prepared), **stats})
     elif "stages" in stats:
