@@ -88,6 +88,12 @@ prepare_app = typer.Typer(
 app.add_typer(prepare_app, name="prepare")
 
 
+EngineOpt = typer.Option(None, "--engine", help="Where tasks run: local (a process pool, default) or ray (a Ray "
+                         "cluster; same output). Default: the recipe's engine.")
+RayAddressOpt = typer.Option(None, "--ray-address", help="--engine ray: auto (the cluster `ray start` runs on "
+                             "this machine, default) or HOST:PORT of its head.")
+
+
 @prepare_app.callback(invoke_without_command=True)
 def prepare(
     ctx: typer.Context,
@@ -102,6 +108,8 @@ def prepare(
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: run only tasks t with t % N == i of the "
                                         "per-document stages; a run without --shard then dedups and finishes."),
     force: bool = typer.Option(False, "--force", help="Redo everything instead of resuming finished work."),
+    engine: Optional[str] = EngineOpt,
+    ray_address: Optional[str] = RayAddressOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Run the data pipeline into <workdir>/data/prepared/ (resumes unfinished work)."""
@@ -110,7 +118,7 @@ def prepare(
     from .data.pipeline import prepare_main
 
     prepare_main(inputs, workdir, _recipe(recipe, set_), type_ or [], workers=workers, shard=shard, force=force,
-                 json_out=json_out)
+                 json_out=json_out, engine=engine, ray_address=ray_address)
 
 
 @prepare_app.command("train-classifier")
@@ -156,6 +164,8 @@ def tokenize(
     input_: Optional[Path] = PreparedOpt,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="A saved tokenizer folder, or `cl100k` "
                                             "(default: <workdir>/tokenizer/ when built, else cl100k)."),
+    engine: Optional[str] = EngineOpt,
+    ray_address: Optional[str] = RayAddressOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Write <workdir>/data/tokens/ from <workdir>/data/prepared/ (resumes unfinished work)."""
@@ -165,7 +175,7 @@ def tokenize(
     from .tokens import run_tokenize
 
     run_tokenize(Workspace.at(workdir), _recipe(recipe, set_), prepared=input_, tokenizer=tokenizer, workers=workers,
-                 force=force, json_out=json_out)
+                 force=force, json_out=json_out, engine=engine, ray_address=ray_address)
 
 
 @tokenize_app.command("build-vocab")
@@ -179,11 +189,12 @@ def build_vocab(
     json_out: bool = JsonOpt,
 ) -> None:
     """Build the InternLM2-style vocabulary (cl100k top-N + zh BPE + spares) into <workdir>/tokenizer/."""
-    from .layout import Workspace
+    from .layout import Workspace, artefact_lock
     from .tokenizer import run_build_vocab
 
-    run_build_vocab(Workspace.at(workdir), _recipe(recipe, set_), prepared=input_, workers=workers, force=force,
-                    json_out=json_out)
+    ws = Workspace.at(workdir)
+    with artefact_lock(ws.tokenizer):
+        run_build_vocab(ws, _recipe(recipe, set_), prepared=input_, workers=workers, force=force, json_out=json_out)
 
 
 # ---------------------------------------------------------------------------------------------------
