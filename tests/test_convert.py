@@ -168,6 +168,11 @@ def test_sharded_bf16_folder_round_trip(tmp_path):
         assert torch.equal(again(ids), cast(ids))
     kept = load_model(tmp_path / "rel", dtype=torch.bfloat16)
     assert kept.output.weight.dtype == torch.bfloat16
+    from transformers import AutoModelForCausalLM  # the same shards through lm2's shipped modeling code
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"), trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        assert (hf(ids).logits - cast(ids)).abs().max().item() <= 1e-4
 
     (tmp_path / "rel" / shards[1]).unlink()
     with pytest.raises(InputError, match="incomplete download"):
@@ -253,7 +258,7 @@ def _bpe_with_merges(piece: str, merges: dict[tuple[str, str], int]) -> list[str
 def test_gguf_export_reads_back_tensor_by_tensor_with_vocab_and_merges(tmp_path, dtype):
     import gguf
 
-    from lm2cli.convert import _bytes_to_unicode
+    from lm2cli.tokenizer.hf import bytes_to_unicode
 
     tok = tokenizer()
     m = tiny(seed=11, rope_scaling={"type": "linear", "factor": 2.0})
@@ -308,7 +313,7 @@ def test_gguf_export_reads_back_tensor_by_tensor_with_vocab_and_merges(tmp_path,
     assert f["tokenizer.ggml.eot_token_id"] == tok.im_end_id
     types = f["tokenizer.ggml.token_type"]
     assert types[tok.im_end_id] == gguf.TokenType.CONTROL and types[tok.encode(" fox")[0]] == gguf.TokenType.NORMAL
-    to_str = _bytes_to_unicode()
+    to_str = bytes_to_unicode()
     merges = {tuple(mg.split(" ")): r for r, mg in enumerate(f["tokenizer.ggml.merges"])}
     ids_of = {t: i for i, t in enumerate(tokens)}
     for piece in regex.findall(tok.pat_str, TEXT + " 2024年 Hello, World! x=[1,2,3]"):
@@ -333,9 +338,28 @@ def test_gguf_pre_tokenizer_for_full_cl100k_is_dbrx():
     assert gguf_pre_tokenizer(Tokenizer.default()) == "dbrx"
 
 
-def test_bpe_vocab_has_one_merge_per_multibyte_token():
+def test_bpe_vocab_merges_are_the_tokenizer_json_merges():
     tok = tokenizer()
-    tokens, _, merges = bpe_vocab(tok, tok.vocab_size)
-    multibyte = [b for b in tok.mergeable_ranks if len(b) > 1]
-    assert len(merges) == len(multibyte)
-    assert all(a + b in set(tokens) for a, b in (m.split(" ") for m in merges))
+    tokens, _, merges = bpe_vocab(tok, tok.vocab_size + 5)  # model vocab padded past the tokenizer's
+    hf = json.loads(tok.hf_files()["tokenizer.json"])
+    assert merges == [" ".join(m) if isinstance(m, list) else m for m in hf["model"]["merges"]]
+    assert tokens[-1] == f"[PAD{tok.vocab_size + 4}]"
+
+
+@pytest.mark.timeout(180)
+def test_gguf_of_a_released_sentencepiece_folder(tmp_path):
+    import gguf
+    from _released import VOCAB, released_folder, train_spm
+
+    folder = released_folder(tmp_path / "rel", train_spm(tmp_path / "spm"))
+    out = export_checkpoint(folder, tmp_path / "rel.gguf", fmt="gguf", dtype="f16")
+    f = _gguf_fields(gguf.GGUFReader(str(out)))
+    assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.tokens"]) == VOCAB
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert tokens[VOCAB - 1] == "<|im_start|>" and types[VOCAB - 1] == gguf.TokenType.CONTROL
+    assert tokens[3] == "<0x00>" and types[3] == gguf.TokenType.BYTE
+    assert types[VOCAB - 17] == gguf.TokenType.UNUSED  # the reward spare, [UNUSED_TOKEN_130] in InternLM2
+    assert f["tokenizer.ggml.add_space_prefix"] is False
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert f["tokenizer.ggml.eot_token_id"] == VOCAB - 2
+    assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16

@@ -16,8 +16,9 @@ the table: the fused `wqkv` split into q/k/v for Llama, and llama.cpp's q/k row 
   so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` runs it; Llama layout for
   `LlamaForCausalLM`. Both carry generation_config.json (stop on `</s>` and `<|im_end|>`), lm2's
   tokenizer files and the HF tokenizer files. Optional bf16/fp16 and shards with an index.
-* **GGUF** (`write_gguf`): llama.cpp's `internlm2` architecture with its tensor names, the byte-level
-  BPE vocabulary with merges and the cl100k pre-tokenizer, f32/f16/bf16 tensors.
+* **GGUF** (`write_gguf`): llama.cpp's `internlm2` architecture with its tensor names, f32/f16/bf16
+  tensors; lm2's tiktoken vocabularies as byte-level BPE with merges and the cl100k pre-tokenizer,
+  SentencePiece ones (released InternLM2) as llama.cpp's "llama" vocabulary with scores.
 
 RoPE in the InternLM2 config: the released config class accepts only `{"type": "linear"|"dynamic",
 "factor": f}`, and its dynamic NTK starts past `max_position_embeddings`. lm2's dynamic NTK may start
@@ -526,87 +527,78 @@ def save_model(model, path: str | Path, tokenizer=None, dtype: Optional[torch.dt
     stop = list(tokenizer.stop_ids) if tokenizer is not None else [cfg.eos_token_id]
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop, "pad_token_id": cfg.pad_token_id}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if tokenizer is not None:
-        write_tokenizer_files(tokenizer, path)
+    if tokenizer is not None:  # lm2's own files and the HF ones (tokenizer.json, chat template, ...)
+        tokenizer.save(path)
     return path
-
-
-def write_tokenizer_files(tokenizer, path: Path) -> None:
-    """lm2's own tokenizer files (what lm2 reloads) and the HF ones (tokenizer.json, tokenizer_config.json
-    with the chat template, special_tokens_map.json) for AutoTokenizer."""
-    from . import tokenizer as tokenizer_module
-
-    tokenizer.save(path)
-    hf_files = getattr(tokenizer_module, "hf_tokenizer_files", None)
-    if hf_files is not None:
-        for name, data in hf_files(tokenizer).items():
-            (path / name).write_bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------------
 # GGUF (llama.cpp)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the form byte-level BPE vocabularies are written in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _last_merge(token: bytes, ranks: dict[bytes, int]) -> Optional[tuple[bytes, bytes]]:
-    """The pair tiktoken's BPE merges last when it encodes `token`'s bytes (None if BPE never reaches it)."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best = None
-        for j in range(len(parts) - 1):
-            r = ranks.get(parts[j] + parts[j + 1])
-            if r is not None and (best is None or r < best[0]):
-                best = (r, j)
-        if best is None:
-            return None
-        j = best[1]
-        parts[j:j + 2] = [parts[j] + parts[j + 1]]
-    return parts[0], parts[1]
-
-
 def bpe_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) of a byte-level BPE tokenizer in GGUF's (GPT-2 string) form.
+    """(tokens, token types, merges) of a tiktoken-backend tokenizer in GGUF's byte-level BPE form.
 
-    One merge per multi-byte token, in rank order: the pair BPE joins last to form it, so llama.cpp's
-    merge-rank BPE takes the same steps as tiktoken's (ids equal on every string).
+    Tokens are GPT-2 byte strings at lm2's ids; merges are every split of a token into two tokens, by
+    rank (`tokenizer.bpe_merges`, the same list tokenizer.json carries), so llama.cpp's merge-rank
+    BPE joins the same pairs as tiktoken.
     """
     import gguf
 
-    to_str = _bytes_to_unicode()
-    ranks = tokenizer.mergeable_ranks
+    from .tokenizer import bpe_merges
+    from .tokenizer.hf import bytes_to_unicode
+
+    to_str = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(to_str[x] for x in b)
+
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [gguf.TokenType.UNUSED] * n_vocab
-    for tok_bytes, i in ranks.items():
-        tokens[i] = "".join(to_str[b] for b in tok_bytes)
-        types[i] = gguf.TokenType.NORMAL
-    for text, i in tokenizer.special_tokens.items():
-        tokens[i] = text
+    for tok_bytes, i in tokenizer.mergeable_ranks.items():
+        tokens[i], types[i] = text(tok_bytes), gguf.TokenType.NORMAL
+    for name, i in tokenizer.special_tokens.items():
         # Spares stay unused, as llama.cpp's InternLM2 converter marks `[UNUSED_TOKEN_*]`.
-        types[i] = gguf.TokenType.UNUSED if text.startswith("[UNUSED") else gguf.TokenType.CONTROL
-    merges = []
-    for tok_bytes, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(tok_bytes) < 2:
-            continue
-        pair = _last_merge(tok_bytes, ranks)
-        if pair is not None:
-            merges.append(" ".join("".join(to_str[b] for b in part) for part in pair))
+        tokens[i] = name
+        types[i] = gguf.TokenType.UNUSED if name.startswith("[UNUSED") else gguf.TokenType.CONTROL
+    merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(tokenizer)]
     return tokens, [int(t) for t in types], merges
 
 
+def spm_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token types) of a SentencePiece tokenizer as llama.cpp's "llama" vocabulary, as its
+    InternLM2 converter builds it: pieces with scores, byte/unknown/control types, `[UNUSED_TOKEN_*]`
+    unused, and the chat specials renamed at their ids."""
+    import gguf
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-1000.0] * n_vocab
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for i in range(min(sp.get_piece_size(), n_vocab)):
+        piece = sp.id_to_piece(i)
+        tokens[i], scores[i] = piece, sp.get_score(i)
+        if sp.is_unknown(i):
+            types[i] = gguf.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            types[i] = gguf.TokenType.CONTROL
+        elif sp.is_byte(i):
+            types[i] = gguf.TokenType.BYTE
+        elif sp.is_unused(i) or piece.startswith("[UNUSED"):
+            types[i] = gguf.TokenType.UNUSED
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    for name, i in tokenizer.special_tokens.items():
+        if name.startswith("[UNUSED"):
+            types[i] = gguf.TokenType.UNUSED
+        elif name != tokens[i] or types[i] != gguf.TokenType.UNKNOWN:
+            tokens[i], scores[i], types[i] = name, -1000.0, gguf.TokenType.CONTROL
+    return tokens, scores, [int(t) for t in types]
+
+
 def gguf_pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for the tokenizer's split regex."""
+    """llama.cpp's `tokenizer.ggml.pre` for a tiktoken tokenizer's split regex."""
     from .tokenizer import CL100K_PAT, SPLIT_DIGITS_PAT
 
     if tokenizer.pat_str == CL100K_PAT:
@@ -617,14 +609,34 @@ def gguf_pre_tokenizer(tokenizer) -> str:
                      "(with or without split digits)")
 
 
-def _chat_template(tokenizer) -> Optional[str]:
-    from . import tokenizer as tokenizer_module
+def _gguf_vocab(w, tokenizer, n_vocab: int) -> None:
+    from .tokenizer import chat_template
 
-    hf_files = getattr(tokenizer_module, "hf_tokenizer_files", None)
-    if hf_files is None:
-        return None
-    cfg = json.loads(hf_files(tokenizer)["tokenizer_config.json"])
-    return cfg.get("chat_template")
+    if tokenizer.backend == "tiktoken":
+        tokens, types, merges = bpe_vocab(tokenizer, n_vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+    elif tokenizer.backend == "sentencepiece":
+        tokens, scores, types = spm_vocab(tokenizer, n_vocab)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(bool(tokenizer.proto_spec["add_dummy_prefix"]))
+    else:
+        raise InputError(f"GGUF export has no vocabulary form for a {tokenizer.backend!r} tokenizer")
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_unk_token_id(tokenizer.unk_id)
+    w.add_eot_token_id(tokenizer.im_end_id)  # chat turns end in <|im_end|>: llama.cpp stops on it too
+    w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(chat_template())
 
 
 def _gguf_rope(writer, cfg: ModelConfig) -> int:
@@ -669,9 +681,6 @@ def write_gguf(model, tokenizer, out: str | Path, dtype: torch.dtype = torch.flo
     import gguf
     import numpy as np
 
-    if not hasattr(tokenizer, "mergeable_ranks"):
-        raise InputError("GGUF export supports lm2's byte-level BPE tokenizers; this model's SentencePiece "
-                         "tokenizer is not supported yet (use llama.cpp's convert_hf_to_gguf.py on the HF export)")
     qtype = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
              torch.bfloat16: gguf.GGMLQuantizationType.BF16}.get(dtype)
     ftype = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
@@ -695,21 +704,7 @@ def write_gguf(model, tokenizer, out: str | Path, dtype: torch.dtype = torch.flo
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(ftype)
 
-        tokens, types, merges = bpe_vocab(tokenizer, cfg.vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer))
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tokenizer.bos_id)
-        w.add_eos_token_id(tokenizer.eos_id)
-        w.add_eot_token_id(tokenizer.im_end_id)
-        w.add_pad_token_id(tokenizer.pad_id)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        template = _chat_template(tokenizer)
-        if template:
-            w.add_chat_template(template)
+        _gguf_vocab(w, tokenizer, cfg.vocab_size)
 
         for name, t in _renamed(model.state_dict(), cfg, GGUF_NAMES, GGUF_QKV, permute=True):
             data = t.detach().to("cpu", torch.float32).numpy()
