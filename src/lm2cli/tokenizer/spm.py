@@ -8,7 +8,9 @@ unknown and user-defined pieces, every `[UNUSED_TOKEN_k]` and whatever `added_to
 the reward token is the one 17 ids below the top (92527, `[UNUSED_TOKEN_130]`).
 
 Ordinary text goes through SentencePiece unchanged (its normaliser, byte fallback, split digits);
-special tokens are only parsed with `allow_special=True`, as in the tiktoken backend. Decoding maps
+special tokens are only parsed with `allow_special=True`, as in the tiktoken backend: SentencePiece
+itself matches user-defined pieces (the released spares) inside any text, so plain text holding such
+a name gets it spelled in byte pieces instead. Decoding maps
 pieces to bytes (`▁` is a space, byte pieces their byte), dropping the dummy-prefix space when the
 model adds one, so `decode(encode(t)) == t` for text the model's normaliser leaves alone.
 
@@ -76,7 +78,12 @@ class SentencePieceTokenizer(Tokenizer):
                 self._pieces.append(bytes([int(_BYTE.fullmatch(p.piece).group(1), 16)]))
             else:
                 self._pieces.append(p.piece.replace("\u2581", " ").encode("utf-8"))
-        self._user_defined = {i for i, p in enumerate(proto.pieces) if p.type == USER_DEFINED}
+        # SentencePiece matches user-defined pieces (the released spares) inside plain text; lm2 spells
+        # such text in byte pieces instead, so plain text never yields a special token.
+        self._user_defined = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == USER_DEFINED}
+        self._user_ids = frozenset(self._user_defined.values())
+        self._byte_ids = {int(_BYTE.fullmatch(p.piece).group(1), 16): i for i, p in enumerate(proto.pieces)
+                          if p.type == BYTE}
         self.reward_token = proto.pieces[n - REWARD_FROM_TOP].piece if n > REWARD_FROM_TOP else ""
         self.reward_token = renamed.get(n - REWARD_FROM_TOP) or self.reward_token
         self._special.setdefault(self.reward_token, n - REWARD_FROM_TOP)
@@ -130,7 +137,7 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         text = scrub_surrogates(text)
         if not allow_special:
-            return self._wrap(self._sp.encode(text), bos, eos)
+            return self._wrap(self._plain(text, self._sp.encode(text)), bos, eos)
         ids: list[int] = []
         pos = 0
         for m in self._special_re.finditer(text):
@@ -142,11 +149,25 @@ class SentencePieceTokenizer(Tokenizer):
             ids += self._sp.encode(text[pos:])
         return self._wrap(ids, bos, eos)
 
+    def _plain(self, text: str, ids: list[int]) -> list[int]:
+        """`ids` (SentencePiece's encoding of `text`) with user-defined pieces spelled in bytes."""
+        if not self._user_ids.intersection(ids) or len(self._byte_ids) < 256:
+            return ids
+        out: list[int] = []
+        pos = 0
+        pattern = regex.compile("|".join(regex.escape(t) for t in sorted(self._user_defined, key=len, reverse=True)))
+        for m in pattern.finditer(text):
+            out += self._sp.encode(text[pos:m.start()]) if m.start() > pos else []
+            out += [self._byte_ids[b] for b in m.group().encode("utf-8")]
+            pos = m.end()
+        return out + (self._sp.encode(text[pos:]) if pos < len(text) else [])
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8, bos: bool = False, eos: bool = False,
                      allow_special: bool = False) -> list[list[int]]:
         if allow_special:
             return super().encode_batch(texts, num_threads, bos, eos, allow_special)
-        out = self._sp.encode([scrub_surrogates(t) for t in texts], num_threads=num_threads)
+        texts = [scrub_surrogates(t) for t in texts]
+        out = [self._plain(t, ids) for t, ids in zip(texts, self._sp.encode(texts, num_threads=num_threads))]
         return [self._wrap(ids, bos, eos) for ids in out] if (bos or eos) else out
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
