@@ -303,8 +303,10 @@ class InternLM2(nn.Module):
     # -- accounting ------------------------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.model.tok_embeddings.weight.numel() if non_embedding else n
+        # ds_numel: a ZeRO-3 partitioned parameter's whole size (its local tensor is a slice or empty)
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        emb = self.model.tok_embeddings.weight
+        return n - getattr(emb, "ds_numel", emb.numel()) if non_embedding else n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6·(matmul params) + 12·L·H·T for attention (PaLM appendix B)."""

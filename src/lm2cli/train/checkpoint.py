@@ -336,23 +336,92 @@ class AsyncCheckpointer:
 
 
 def restore(ckpt: Path, engine, dist) -> tuple[dict, dict]:
-    """Load weights, optimizer, LR schedule and this rank's RNG from `ckpt`; returns (train_state, data_state)."""
+    """Load weights, optimizer, LR schedule and this rank's RNG from `ckpt`; returns (train_state, data_state).
+
+    The same ZeRO layout (stage and number of ranks) loads DeepSpeed's shards as saved. A ZeRO 1-3
+    checkpoint resumes on another number of ranks or another ZeRO stage 1-3 through DeepSpeed's
+    universal checkpoint: rank 0 converts `optim/` once into `optim-universal/` (full fp32 master
+    weights and Adam moments per parameter), which every rank then slices for its own partition. The
+    data position is global (samples consumed by all ranks), so the new layout continues the same
+    sample sequence; keep micro_batch_size × grad_accum × ranks equal to continue the same batches.
+    """
     ckpt = Path(ckpt)
     reason = verify(ckpt)
     if reason:
         raise InputError(f"cannot resume from {ckpt}: {reason}")
     train_state = read_json(ckpt / "train_state.json")
     saved_world, saved_zero = train_state.get("world", 1), train_state.get("zero_stage", 0)
-    if engine.zero_stage > 0 and (saved_world != dist.world or saved_zero != engine.zero_stage):
-        raise InputError(f"{ckpt} holds ZeRO-{saved_zero} shards for {saved_world} ranks; this run is ZeRO-"
-                         f"{engine.zero_stage} on {dist.world}. Resume with the same layout, or start over with "
-                         "--resume never")
-    path, _ = engine.ds.load_checkpoint(str(ckpt), tag=OPTIM, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
+    same_layout = saved_zero == engine.zero_stage and (saved_world == dist.world or saved_zero == 0)
+    if same_layout:
+        path, _ = engine.ds.load_checkpoint(str(ckpt), tag=OPTIM, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    elif saved_zero > 0 and engine.zero_stage > 0:
+        path = _load_universal(ckpt, engine, dist)
+    else:
+        raise InputError(f"{ckpt} holds ZeRO-{saved_zero} state for {saved_world} rank(s); this run is ZeRO-"
+                         f"{engine.zero_stage} on {dist.world}. lm2 converts between ZeRO stages 1-3 and any "
+                         "number of ranks, not to or from ZeRO-0 (sharding full-replica); resume with the saved "
+                         "layout, or start over with --resume never")
     if path is None:
         raise Lm2Error(f"DeepSpeed could not load {ckpt / OPTIM}")
     engine.follow_config_schedule()
     rng = ckpt / OPTIM / f"rng-rank{dist.rank:05d}.pt"
-    if rng.exists():
+    if rng.exists():  # a rank the saving run did not have keeps its own seed-derived state
         set_rng_state(torch.load(rng, weights_only=True))
     return train_state, read_json(ckpt / "dataloader.json")
+
+
+UNIVERSAL = "optim-universal"
+
+
+def universal_checkpoint(ckpt: Path) -> Path:
+    """`ckpt/optim-universal/`: DeepSpeed's universal form of `ckpt/optim/` (made once, atomically;
+    outside DONE's list, so the checkpoint stays valid with or without it)."""
+    out = Path(ckpt) / UNIVERSAL
+    if (out / DONE).exists():
+        return out
+    import contextlib
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = Path(ckpt) / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    args = Namespace(input_folder=str(Path(ckpt) / OPTIM), output_folder=str(tmp), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log_out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log_out), contextlib.redirect_stderr(log_out):
+            ds_to_universal(args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Lm2Error(f"converting {ckpt / OPTIM} to a universal checkpoint failed: {e}\n{log_out.getvalue()[-2000:]}")
+    (Path(ckpt) / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; lm2 names the folder
+    (tmp / DONE).write_text(now_iso() + "\n")
+    tmp.rename(out)
+    return out
+
+
+def _load_universal(ckpt: Path, engine, dist):
+    error = None
+    if dist.is_main:
+        try:
+            universal_checkpoint(ckpt)
+        except Lm2Error as e:
+            error = str(e)
+    if dist.world > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)  # also the barrier: the folder is whole
+        error = box[0]
+    if error:
+        raise Lm2Error(error)
+    cfg = engine.ds._config
+    cfg.load_universal_checkpoint = True
+    try:
+        path, _ = engine.ds.load_checkpoint(str(ckpt), tag=UNIVERSAL, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+    finally:
+        cfg.load_universal_checkpoint = False
+    return path

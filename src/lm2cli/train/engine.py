@@ -167,13 +167,22 @@ def clips_in_deepspeed(cfg) -> bool:
 
 
 def deepspeed_config(cfg, world: int) -> dict:
+    """bf16 runs keep fp32 master weights (every ZeRO stage's optimizer and BF16_Optimizer hold them) and
+    accumulate gradients in fp32 (`data_types.grad_accum_dtype`). deepspeed 0.19.8 does the latter for bf16
+    weights only under ZeRO (without it the mix raises NotImplementedError), so a bf16 full-replica run is
+    ZeRO-1 — BF16_Optimizer: the same data-parallel update, with optimizer states sharded over the ranks."""
+    bf16 = cfg.precision == "bf16"
+    zero = zero_section(cfg)
+    if bf16 and zero["stage"] == 0:
+        zero = {**zero, "stage": 1}
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world,
         "gradient_clipping": cfg.grad_clip if clips_in_deepspeed(cfg) else 0.0,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "zero_optimization": zero_section(cfg),
+        "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW: nothing to JIT-compile
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -301,13 +310,8 @@ class WeightFiles:
         from safetensors import safe_open
 
         folder = Path(folder)
-        try:
-            from ..convert import weight_files  # index order; refuses pickles by name
-        except ImportError:  # lm2 before convert.py: one file
-            def weight_files(path):
-                if not (Path(path) / "model.safetensors").is_file():
-                    raise InputError(f"{path} has no model.safetensors")
-                return [Path(path) / "model.safetensors"]
+        from ..convert import weight_files  # index order; refuses pickles by name
+
         self._stack = contextlib.ExitStack()
         self.owner: dict[str, object] = {}
         try:
@@ -374,10 +378,8 @@ def _check_names(folder: Path, params: dict, shapes: dict, strict: bool) -> None
 
 
 def _load_converted(model, folder: Path, params: dict, dist: Dist, strict: bool) -> None:
-    try:
-        from ..convert import load_model as load_any
-    except ImportError:
-        from ..convert import load_model as load_any
+    from ..convert import load_model as load_any
+
     partitioned = is_partitioned(model)
     state, error = {}, None
     if dist.is_main or not partitioned:  # a foreign layout: converted whole on the host, by one rank
@@ -450,6 +452,7 @@ class Engine:
             model.to(dist.device)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        self.weight_decays = [g["weight_decay"] for g in optimizer.param_groups]
         self.schedule = schedule(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, self.schedule),
@@ -467,8 +470,11 @@ class Engine:
         sched.base_lrs = [self.cfg.lr] * len(sched.base_lrs)
         sched.lr_lambdas = [self.schedule] * len(sched.lr_lambdas)
         lrs = [base * self.schedule(sched.last_epoch) for base in sched.base_lrs]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
+        for group, lr, decay in zip(sched.optimizer.param_groups, lrs, self.weight_decays):
             group["lr"] = lr
+            # A universal checkpoint gives every group the first group's hyperparameters (deepspeed
+            # 0.19.8): norms and biases would be decayed.
+            group["weight_decay"] = decay
         sched._last_lr = lrs
 
     @property
