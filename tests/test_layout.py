@@ -81,3 +81,79 @@ def test_latest_model_follows_pipeline_order(tmp_path):
     write_manifest(ws.stage_dir("sft") / "final", "checkpoint")
     assert ws.latest_model() == ws.stage_dir("sft") / "final"
     assert ws.latest_model(stages=["pretrain-stage1", "pretrain-stage2"]) == ws.stage_dir("pretrain-stage1") / "final"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The workspace lock
+
+
+def _hold_lock(path, shared: bool = False):
+    """A child process that takes the lock, says so, and sleeps until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom pathlib import Path\nfrom lm2cli.layout import artefact_lock\n"
+            f"with artefact_lock(Path({str(path)!r}), 'lm2 prepare --test', shared={shared}):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_gets_one_line_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    import socket
+
+    from lm2cli.layout import artefact_lock
+
+    target = tmp_path / "data" / "prepared"
+    holder = _hold_lock(target)
+    try:
+        with pytest.raises(InputError) as e:
+            with artefact_lock(target, "lm2 prepare again"):
+                pass
+        msg = str(e.value)
+        assert "\n" not in msg and f"pid {holder.pid}" in msg and socket.gethostname() in msg
+        assert "lm2 prepare --test" in msg
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays behind
+        holder.wait()
+    assert (tmp_path / "data" / ".prepared.lock").exists()
+    with artefact_lock(target, "lm2 prepare"):  # the kernel freed the dead holder's lock
+        pass
+    assert not (tmp_path / "data" / ".prepared.lock").exists()
+
+
+def test_shared_holders_coexist_and_exclude_an_exclusive_writer(tmp_path):
+    from lm2cli.layout import artefact_lock
+
+    target = tmp_path / "data" / "prepared"
+    holder = _hold_lock(target, shared=True)
+    try:
+        with artefact_lock(target, "lm2 prepare --shard 1/2", shared=True):
+            with pytest.raises(InputError, match="being written by another lm2 command"):
+                with artefact_lock(target, "lm2 prepare"):
+                    pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_prepare_commands_into_one_workspace(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ws = Workspace(tmp_path / "ws")
+    holder = _hold_lock(ws.prepared)
+    try:
+        lm2 = Path(sys.executable).parent / "lm2"
+        proc = subprocess.run([str(lm2), "prepare", "--workdir", str(ws.root)], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, COLUMNS="300"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"pid {holder.pid}" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not ws.prepared.exists()  # the refused command touched nothing

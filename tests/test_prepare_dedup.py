@@ -198,3 +198,101 @@ def test_pipeline_with_redis_storage(redis_server, tmp_path):
     ids = lambda ws: sorted(r["id"] for r in iter_kept(tmp_path / ws / "data" / "prepared"))  # noqa: E731
     assert ids("redis") == ids("mem")
     assert client.dbsize() == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dedup on disk within a memory budget (storage "disk", the default) vs the in-memory index
+
+
+def _phase_a_files(out: Path, tasks: list[list[tuple[str, dict]]], cfg: DedupConfig) -> None:
+    """What phase A leaves for dedup: per task its keys, signatures and done marker."""
+    import json
+
+    work = out / ".work" / "a"
+    work.mkdir(parents=True)
+    signer = dedup.Signer(cfg)
+    for t, docs in enumerate(tasks):
+        sigs, lines = [], []
+        for text, meta in docs:
+            sig = signer.signature(text)
+            row = -1
+            if sig is not None:
+                row = len(sigs)
+                sigs.append(sig)
+            key = [content_id(text), dedup.exact_key(text, meta.get("lang", "en")), dedup.recency_of(meta), row]
+            lines.append(json.dumps({"k": key}) + "\n")
+        np.save(work / f"sig-{t:05d}.npy", np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), np.uint32))
+        (work / f"dedup-{t:05d}.jsonl").write_text("".join(lines))
+        (work / f"done-{t:05d}.json").write_text(json.dumps({"passed": len(docs)}))
+
+
+def _corpus(seed: int) -> list[tuple[str, dict]]:
+    """Unique documents, exact copies, near copies, chains of near copies (a~b~c, a and c may be below the
+    threshold), pairs below it, documents without shingles, and dumps/dates for the keep rule."""
+    rng = random.Random(seed)
+    docs = []
+    for lang in ("zh", "en"):
+        for base, near, below in _pairs(lang, seed):
+            further, _ = make_corpus.near_copy(rng, near, lang, 0.75, 0.9)
+            docs += [(base, {}), (near, {"cc_dump": rng.choice(["CC-MAIN-2021-04", "CC-MAIN-2024-10", ""])}),
+                     (below, {}), (base, {"date": "2023-0%d-01" % rng.randint(1, 9)}), (further, {})]
+        gen = S.zh_document if lang == "zh" else S.en_document
+        docs += [(gen(rng), {}) for _ in range(150)]
+    docs += [("short", {}), ("short", {}), ("tiny", {})]
+    rng.shuffle(docs)
+    return docs
+
+
+def test_dedup_on_disk_within_a_small_budget_decides_like_the_in_memory_index(tmp_path):
+    import json
+
+    from lm2cli.config import PrepareConfig
+    from lm2cli.data import pipeline
+    from lm2cli.data.executors import LocalExecutor
+
+    docs = _corpus(12)
+    tasks = [docs[i::5] for i in range(5)]
+    # ~420 signatures (~215 KB) against a 20 KB budget: dedup must split into several partitions
+    budget = 0.02
+    sig_bytes = sum(1 for d in docs if dedup.shingle_hashes(d[0]).size) * CFG.num_perm * 4
+    assert sig_bytes > 5 * budget * 1e6
+    mem_out, disk_out = tmp_path / "memory", tmp_path / "disk"
+    _phase_a_files(mem_out, tasks, CFG)
+    _phase_a_files(disk_out, tasks, CFG)
+    mem = pipeline.run_phase_b(mem_out, len(tasks), PrepareConfig(dedup=replace(CFG, storage="memory")))
+    rss: dict = {}
+    disk = pipeline.run_phase_b_disk(disk_out, len(tasks), PrepareConfig(dedup=replace(CFG, memory_budget_mb=budget)),
+                                     LocalExecutor(1), rss)
+    assert disk["partitions"]["exact"] > 1 and disk["partitions"]["band"] > 1
+    for t in range(len(tasks)):
+        name = f"decisions-{t:05d}.json"
+        assert json.loads((disk_out / ".work" / "b" / name).read_text()) == \
+            json.loads((mem_out / ".work" / "b" / name).read_text()), t
+    drop = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "partitions")}  # noqa: E731
+    assert drop(disk) == drop(mem)
+    assert mem["near_duplicate"] >= 24 and mem["exact_duplicate"] >= 25  # the corpus exercises both
+    assert set(rss) == {"dedup.exact_shuffle", "dedup.exact_groups", "dedup.band_runs", "dedup.buckets",
+                        "dedup.clusters"}
+
+
+def test_dedup_on_disk_resumes_from_its_stage_markers(tmp_path):
+    """A run killed between dedup stages redoes only the unmarked tasks and decides the same."""
+    import json
+
+    from lm2cli.config import PrepareConfig
+    from lm2cli.data import pipeline
+    from lm2cli.data.executors import LocalExecutor
+
+    docs = _corpus(13)[:200]
+    tasks = [docs[i::4] for i in range(4)]
+    cfg = PrepareConfig(dedup=replace(CFG, memory_budget_mb=0.02))
+    _phase_a_files(tmp_path, tasks, CFG)
+    first = pipeline.run_phase_b_disk(tmp_path, len(tasks), cfg, LocalExecutor(1), {})
+    b = tmp_path / ".work" / "b"
+    decisions = {p.name: json.loads(p.read_text()) for p in b.glob("decisions-*.json")}
+    # as if killed after the band runs of two tasks and some buckets: their outputs are gone
+    for p in [*sorted(b.glob("bands/done-*"))[:2], *sorted(b.glob("edges/*.npy"))[::3], *b.glob("decisions-*")]:
+        p.unlink()
+    again = pipeline.run_phase_b_disk(tmp_path, len(tasks), cfg, LocalExecutor(1), {})
+    assert {p.name: json.loads(p.read_text()) for p in b.glob("decisions-*.json")} == decisions
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}

@@ -106,19 +106,25 @@ class _Writers:
         fh = self.files.get(path)
         if fh is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8")
+            fh = open(self._tmp(path), "w", encoding="utf-8")
             self.files[path] = fh
         fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+    @staticmethod
+    def _tmp(path: Path) -> Path:
+        # One name per process: a task run twice at once (a Ray retry while a lost worker still runs, a
+        # resumed driver) must not write into the other copy's file; both produce the same content.
+        return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
     def commit(self) -> None:
         for path, fh in self.files.items():
             fh.close()
-            os.replace(path.with_name(path.name + ".tmp"), path)
+            os.replace(self._tmp(path), path)
 
     def abort(self) -> None:
         for path, fh in self.files.items():
             fh.close()
-            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            self._tmp(path).unlink(missing_ok=True)
 
 
 def part(task: int) -> str:
@@ -187,7 +193,7 @@ def run_phase_a(task: int, units: list[readers.Unit], cfg: PrepareConfig, out: P
                 n_pass += 1
         arr = np.stack(sigs) if sigs else np.zeros((0, cfg.dedup.num_perm), dtype=signer.dtype)
         work.mkdir(parents=True, exist_ok=True)
-        tmp = work / f"sig-{task:05d}.tmp.npy"
+        tmp = work / f"sig-{task:05d}.{os.getpid()}.tmp.npy"
         np.save(tmp, arr)
         w.commit()
         os.replace(tmp, work / f"sig-{task:05d}.npy")
@@ -576,6 +582,8 @@ def _finalize(out: Path, work: Path, n_tasks: int, cfg: PrepareConfig, plan: dic
     }
     # Parts of tasks that kept nothing still get an (empty) kept shard, so readers can count on part names.
     (out / "kept").mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("kept/*.tmp")) + list(out.glob("rejected/*/*.tmp")):  # of killed task attempts
+        stale.unlink(missing_ok=True)
     for t in range(n_tasks):
         (out / "kept" / part(t)).touch(exist_ok=True)
     plan_small = {k: plan[k] for k in ("version", "config_hash", "dedup_scheme", "inputs")}
