@@ -15,7 +15,7 @@ from lm2cli.config import ExtendContextConfig, ModelConfig
 from lm2cli.errors import InputError
 from lm2cli.extend_context import extended_model_config, resolve_config
 from lm2cli.layout import write_manifest
-from lm2cli.convert import load_model, save_model
+from lm2cli.convert import load_model, read_config, save_model
 from lm2cli.model import InternLM2, effective_rope_base, rope_cos_sin, rope_inv_freq
 
 SRC = ModelConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -130,10 +130,10 @@ def test_extend_context_trains_and_writes_the_methods_config(method, tokens, sou
     ws = workspace_with_tokens(tokens, tmp_path / "ws")
     out = _extend(ws, source, "--method", method)
     stage = ws.stage_dir("extend-context")
-    saved = json.loads((stage / "final" / "config.json").read_text())
+    saved = read_config(stage / "final")[0]  # config.json holds the released form; read_config maps it back
     want = extended_model_config(load_model(source).config, ExtendContextConfig(method=method, seq_len=256))
     for key in ("max_position_embeddings", "rope_theta", "rope_scaling"):
-        assert saved[key] == getattr(want, key), key
+        assert getattr(saved, key) == getattr(want, key), key
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["kind"] == "extend-context" and manifest["stats"]["steps"] == 2
     assert manifest["extend_context"]["method"] == method and manifest["extend_context"]["old_context"] == 64

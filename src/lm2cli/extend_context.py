@@ -31,12 +31,11 @@ from typing import Optional
 
 from .config import ExtendContextConfig, ModelConfig, Recipe, TrainConfig
 from .errors import InputError
-from .layout import MANIFEST, STAGES, Workspace, atomic_write_text, read_manifest
+from .layout import MANIFEST, Workspace, atomic_write_text
+from .stages import check_same_tokenizer, latest_pretrained, read_model_config, validation_batches
 
 KIND = "extend-context"
 METHODS = ("base", "linear", "dynamic", "yarn")
-# Stages whose final/ extend-context starts from by default: the pretraining ones, latest first.
-SOURCE_STAGES = STAGES[: STAGES.index(KIND)]
 
 
 def resolve_config(ec: ExtendContextConfig, *, method: Optional[str] = None, seq_len: Optional[int] = None,
@@ -78,22 +77,6 @@ def train_config(ec: ExtendContextConfig, old_len: int) -> TrainConfig:
                                long_min_tokens=ec.train.long_min_tokens or old_len)
 
 
-def source_checkpoint(ws: Workspace, run: str, from_: Optional[Path]) -> Path:
-    """`--from` (a checkpoint or a stage folder), else the run's latest pretraining `final/`."""
-    if from_ is None:
-        found = ws.latest_model(run, stages=SOURCE_STAGES)
-        if found is None:
-            raise InputError(f"no finished pretraining stage in {ws.run_dir(run)}; run `lm2 pretrain` first, "
-                             "or pass --from CHECKPOINT")
-        return found
-    path = Path(from_)
-    manifest = read_manifest(path, what=f"--from {path}")
-    if manifest.get("kind") in STAGES:
-        path = path / "final"
-    read_manifest(path, kinds=("checkpoint",), what=f"--from {path}")
-    return path
-
-
 def rope_report(cfg: ModelConfig, old_len: int) -> dict:
     """Effective RoPE base and position scale at the old length, the new one and 2x/4x beyond."""
     from .model import effective_rope_base
@@ -119,18 +102,16 @@ def run_extend_context(
 ) -> Path:
     """Extend a checkpoint's context and train at it into runs/<run>/extend-context/; returns that folder."""
     from .console import log, print_json, warn
-    from .convert import load_model, read_config
-    from .pretrain import _check_same_tokenizer, _eval_data
     from .tokens import TokenStore
     from .train.data import PackedStream
-    from .train.engine import init_distributed
+    from .train.engine import build_model, init_distributed
     from .train.loop import fit
 
     ec = resolve_config(recipe.extend_context, method=method, seq_len=seq_len, factor=factor, rope_theta=rope_theta)
-    source = source_checkpoint(ws, run, from_)
+    source = latest_pretrained(ws, run, from_)
     if not (ws.tokens / MANIFEST).exists():
         raise InputError(f"no token shards at {ws.tokens}; run `lm2 tokenize` first")
-    src_cfg, _ = read_config(source)
+    src_cfg = source.config()
     new_cfg = extended_model_config(src_cfg, ec)
     cfg = train_config(ec, src_cfg.max_position_embeddings)
     stage_dir = ws.stage_dir(KIND, run)
@@ -139,22 +120,22 @@ def run_extend_context(
     dist = init_distributed()
     store = TokenStore(ws.tokens)
     tok = store.tokenizer()
-    if src_cfg.vocab_size != tok.vocab_size:
-        raise InputError(f"{source} has a vocabulary of {src_cfg.vocab_size}; the token shards use {tok.vocab_size} "
-                         "(a different tokenizer)")
-    _check_same_tokenizer(source, tok)
+    check_same_tokenizer(source, tok, src_cfg.vocab_size)
     batches = PackedStream.from_store(store, "train", cfg, dist.rank, dist.world)
     if dist.is_main:
         for note in batches.notes:
             warn(f"{KIND}: {note}")
-        log(f"{KIND}: {source} -> {ec.method}, context {src_cfg.max_position_embeddings} -> {ec.seq_len}, "
+        log(f"{KIND}: {source.path} -> {ec.method}, context {src_cfg.max_position_embeddings} -> {ec.seq_len}, "
             f"rope_theta {new_cfg.rope_theta:g}, rope_scaling {new_cfg.rope_scaling}")
-    model = load_model(source, max_position_embeddings=new_cfg.max_position_embeddings,
-                       rope_theta=new_cfg.rope_theta, rope_scaling=new_cfg.rope_scaling)
-    result = fit(model, cfg, batches, stage_dir, kind=KIND, eval_data=_eval_data(store, cfg, dist, KIND),
-                 resume=resume, tokenizer=tok, inputs=[ws.tokens, source], recipe=recipe, dist=dist)
+    # Sharding-aware: partitioned at construction under ZeRO-3, the input's weights streamed in.
+    model = build_model(new_cfg, cfg, dist, init_from=source.path)
+    eval_data, no_eval = validation_batches(store, cfg, dist.rank, dist.world)
+    if no_eval and dist.is_main:
+        warn(f"{KIND}: {no_eval}")
+    result = fit(model, cfg, batches, stage_dir, kind=KIND, eval_data=eval_data, resume=resume, tokenizer=tok,
+                 inputs=[ws.tokens, source.path], recipe=recipe, dist=dist)
     if dist.is_main:
-        summary = {"method": ec.method, "from": str(source), "old_context": src_cfg.max_position_embeddings,
+        summary = {"method": ec.method, "from": str(source.path), "old_context": src_cfg.max_position_embeddings,
                    "new_context": ec.seq_len, "old_rope_theta": src_cfg.rope_theta, "rope_theta": new_cfg.rope_theta,
                    "rope_scaling": new_cfg.rope_scaling, "rope": rope_report(new_cfg, src_cfg.max_position_embeddings)}
         _add_to_manifest(stage_dir, summary)
@@ -172,10 +153,10 @@ def _refuse_other_setting(stage_dir: Path, new_cfg: ModelConfig, resume: str) ->
     ckpt = find_resume(stage_dir / "checkpoints", quiet=True)
     if ckpt is None or not (ckpt / "config.json").exists():
         return
-    saved = json.loads((ckpt / "config.json").read_text())
+    saved = read_model_config(ckpt)  # config.json may hold the released form (dynamic NTK's threshold)
     fields = ("max_position_embeddings", "rope_theta", "rope_scaling")
     mine = {k: getattr(new_cfg, k) for k in fields}
-    theirs = {k: saved.get(k) for k in fields}
+    theirs = {k: getattr(saved, k) for k in fields}
     if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
         raise InputError(f"{stage_dir} has checkpoints trained with {theirs}, not {mine}; rerun with --resume never "
                          "to start over with the new setting")

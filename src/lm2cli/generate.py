@@ -183,28 +183,13 @@ def score_logprobs(
 
 
 def resolve_checkpoint(ws, run: str, checkpoint=None):
-    """The given model folder, else the run's latest finished stage's `final/`; refuse others by name."""
-    from pathlib import Path
+    """The given model folder, else the run's latest finished stage's `final/` (see `stages.resolve_model`)."""
+    from .layout import STAGES
+    from .stages import resolve_model
 
-    from .layout import MANIFEST, MODEL_KINDS, read_manifest
-
-    if checkpoint is None:
-        found = ws.latest_model(run)
-        if found is None:
-            raise InputError(f"no CHECKPOINT given and {ws.run_dir(run)} has no finished stage; "
-                             "train one (lm2 pretrain, lm2 sft) or pass a checkpoint folder")
-        return found
-    path = Path(checkpoint).expanduser().resolve()
-    if (path / MANIFEST).exists():
-        kind = read_manifest(path, what="checkpoint").get("kind")
-        if kind not in MODEL_KINDS:
-            hint = f"; did you mean {path / 'final'}?" if (path / "final" / MANIFEST).exists() else ""
-            raise InputError(f"{path} is a {kind!r} artefact, not a model checkpoint{hint}")
-    elif not path.exists():
-        raise InputError(f"checkpoint {path} does not exist")
-    elif not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a model checkpoint (no config.json)")
-    return path
+    return resolve_model(ws, run, checkpoint, stages=STAGES, what="checkpoint",
+                         missing=f"no CHECKPOINT given and {ws.run_dir(run)} has no finished stage; "
+                                 "train one (lm2 pretrain, lm2 sft) or pass a checkpoint folder").path
 
 
 def load_for_inference(checkpoint, device: Optional[str] = None):

@@ -6,7 +6,7 @@
     stage 3  runs/<run>/pretrain-stage3/  from stage 2's final/: the recipe's capability mixture, lower LR
 
 Each stage reads `data/tokens` (and the tokenizer stored beside it), defaults its input to the previous
-stage's `final/` in the same run (`--from` takes any `checkpoint` artefact or a stage folder), and
+stage's `final/` in the same run (`--from` takes any model folder `stages.model_input` accepts), and
 writes its folder through `train.loop.fit` (checkpoints, metrics, `final/`, manifest). The saved
 config of stages 2-3 records the new `rope_theta` and `max_position_embeddings` = the trained length.
 """
@@ -14,100 +14,68 @@ config of stages 2-3 records the new `rope_theta` and `max_position_embeddings` 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 from typing import Optional
 
-from .config import Recipe, TrainConfig, to_yaml
+from .config import ModelConfig, Recipe, TrainConfig, to_yaml
 from .console import log, print_json, warn
 from .errors import InputError, Lm2Error
-from .layout import MANIFEST, STAGES, Workspace, atomic_write_text, read_manifest
-
-STAGE_NAMES = {1: "pretrain-stage1", 2: "pretrain-stage2", 3: "pretrain-stage3"}
+from .layout import MANIFEST, Workspace, atomic_write_text
+from .stages import STAGE_NAMES, ModelInput, previous_stage_model, validation_batches
 
 
 def stage_config(recipe: Recipe, stage: int) -> TrainConfig:
     """The stage's TrainConfig; "long" documents default to those longer than stage 1's context."""
+    if stage not in STAGE_NAMES:
+        raise InputError(f"--stage must be 1, 2 or 3, got {stage}")
     cfg = getattr(recipe.pretrain, f"stage{stage}")
     if cfg.long_fraction > 0 and cfg.long_min_tokens == 0:
         cfg = dataclasses.replace(cfg, long_min_tokens=recipe.pretrain.stage1.seq_len)
     return cfg
 
 
-def source_checkpoint(ws: Workspace, run: str, stage: int, from_: Optional[Path]) -> Optional[Path]:
-    """Stage 1: None (fresh weights). Later stages: `--from`, else the previous stage's final/."""
-    if stage == 1:
-        if from_ is not None:
-            raise InputError("stage 1 starts from freshly initialised weights; --from is for stages 2 and 3")
-        return None
-    prev = STAGE_NAMES[stage - 1]
-    if from_ is None:
-        final = ws.stage_dir(prev, run) / "final"
-        if not (final / MANIFEST).exists():
-            raise InputError(f"no finished {prev} in {ws.run_dir(run)} (no final/); run `lm2 pretrain --stage "
-                             f"{stage - 1}` first, or pass --from CHECKPOINT")
-        return final
-    path = Path(from_)
-    manifest = read_manifest(path, what=f"--from {path}")
-    if manifest.get("kind") in STAGES:  # a stage folder: take its final weights
-        path = path / "final"
-    read_manifest(path, kinds=("checkpoint",), what=f"--from {path}")
-    return path
+def model_config(recipe: Recipe, cfg: TrainConfig, tok=None, source: Optional[ModelConfig] = None) -> ModelConfig:
+    """Stage 1: the recipe's model sized for the tokenizer (`tok` None: the recipe's own vocabulary);
+    later stages: the source's config under the stage's RoPE base and context length."""
+    if source is not None:
+        return dataclasses.replace(source, rope_theta=cfg.rope_theta or source.rope_theta,
+                                   max_position_embeddings=max(cfg.seq_len, source.max_position_embeddings))
+    mc = recipe.model
+    if tok is None:
+        from .plan import recipe_vocab
+
+        return dataclasses.replace(mc, vocab_size=recipe_vocab(recipe), rope_theta=cfg.rope_theta or mc.rope_theta,
+                                   max_position_embeddings=cfg.seq_len)
+    if mc.vocab_size and mc.vocab_size < tok.vocab_size:
+        raise InputError(f"model.vocab_size {mc.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    return dataclasses.replace(mc, vocab_size=mc.vocab_size or tok.vocab_size,
+                               rope_theta=cfg.rope_theta or mc.rope_theta, max_position_embeddings=cfg.seq_len,
+                               bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 
 
-def build_model(recipe: Recipe, cfg: TrainConfig, tok, source: Optional[Path]):
+def build_model(recipe: Recipe, cfg: TrainConfig, tok, source: Optional[ModelInput], dist, ds_config=None):
     """Stage 1: a new InternLM2 sized by the recipe; later stages: the source weights under the stage's
-    RoPE base and context length."""
-    import torch
-
-    from .convert import load_model
-    from .model import InternLM2
+    RoPE base and context length. Built by `train.engine.build_model`: partitioned at construction
+    under ZeRO-3, in the run's dtype, the source's weights streamed in tensor by tensor."""
+    from .stages import check_same_tokenizer
+    from .train.engine import build_model as build
 
     if source is None:
-        mc = recipe.model
-        if mc.vocab_size and mc.vocab_size < tok.vocab_size:
-            raise InputError(f"model.vocab_size {mc.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
-        mc = dataclasses.replace(mc, vocab_size=mc.vocab_size or tok.vocab_size,
-                                 rope_theta=cfg.rope_theta or mc.rope_theta, max_position_embeddings=cfg.seq_len,
-                                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-        torch.manual_seed(cfg.seed)
-        return InternLM2(mc)
-    src = load_model(source)
-    if src.config.vocab_size != tok.vocab_size:
-        raise InputError(f"{source} has a vocabulary of {src.config.vocab_size}; the token shards use "
-                         f"{tok.vocab_size} (a different tokenizer)")
-    _check_same_tokenizer(source, tok)
-    mc = dataclasses.replace(src.config, rope_theta=cfg.rope_theta or src.config.rope_theta,
-                             max_position_embeddings=max(cfg.seq_len, src.config.max_position_embeddings))
-    with torch.device("meta"):
-        model = InternLM2(mc)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(src.state_dict())
-    return model
-
-
-def _check_same_tokenizer(source: Path, tok) -> None:
-    from .tokenizer import Tokenizer
-
-    try:
-        theirs = Tokenizer.load(source)
-    except InputError:
-        return  # a checkpoint without tokenizer files: the vocabulary size check is all we have
-    if theirs.fingerprint != tok.fingerprint:
-        raise InputError(f"{source} was trained with tokenizer {theirs.fingerprint[:19]}…, the token shards use "
-                         f"{tok.fingerprint[:19]}…; retokenize or pick the matching checkpoint")
+        return build(model_config(recipe, cfg, tok), cfg, dist, ds_config=ds_config)
+    src = source.config()
+    check_same_tokenizer(source, tok, src.vocab_size)
+    return build(model_config(recipe, cfg, tok, src), cfg, dist, init_from=source.path, ds_config=ds_config)
 
 
 def run_pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default", resume: str = "auto",
                  nproc: int = 1, from_: Optional[Path] = None, plan: bool = False, json_out: bool = False) -> Path:
     """Train one pretraining stage into runs/<run>/pretrain-stage<N>/; returns that folder."""
-    if stage not in STAGE_NAMES:
-        raise InputError(f"--stage must be 1, 2 or 3, got {stage}")
+    cfg = stage_config(recipe, stage)
     kind = STAGE_NAMES[stage]
     stage_dir = ws.stage_dir(kind, run)
     if not (ws.tokens / MANIFEST).exists():
         raise InputError(f"no token shards at {ws.tokens}; run `lm2 tokenize` first")
-    source = source_checkpoint(ws, run, stage, from_)
+    source = previous_stage_model(ws, run, stage, from_)
 
     from .tokens import TokenStore
     from .train.data import PackedStream
@@ -116,7 +84,6 @@ def run_pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default"
 
     if nproc > 1 and not launched():
         return _relaunch(ws, recipe, stage, run, resume, nproc, from_, plan, json_out, relaunch)
-    cfg = stage_config(recipe, stage)
     dist = init_distributed()
     ds_config = None
     if plan:
@@ -127,28 +94,16 @@ def run_pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default"
     if dist.is_main:
         for note in batches.notes:
             warn(f"{kind}: {note}")
-    model = build_model(recipe, cfg, tok, source)
-    inputs = [ws.tokens] + ([ws.tokenizer] if (ws.tokenizer / MANIFEST).exists() else []) + ([source] if source else [])
-    result = fit(model, cfg, batches, stage_dir, kind=kind, eval_data=_eval_data(store, cfg, dist, kind),
+    model = build_model(recipe, cfg, tok, source, dist, ds_config)
+    inputs = [ws.tokens] + ([ws.tokenizer] if (ws.tokenizer / MANIFEST).exists() else []) + ([source.path] if source else [])
+    eval_data, no_eval = validation_batches(store, cfg, dist.rank, dist.world)
+    if no_eval and dist.is_main:
+        warn(f"{kind}: {no_eval}")
+    result = fit(model, cfg, batches, stage_dir, kind=kind, eval_data=eval_data,
                  resume=resume, tokenizer=tok, inputs=inputs, recipe=recipe, dist=dist, ds_config=ds_config)
     if json_out and dist.is_main:
         print_json(dataclasses.asdict(result))
     return stage_dir
-
-
-def _eval_data(store, cfg: TrainConfig, dist, kind: str):
-    """Zero-arg callable giving the same `eval_batches` validation batches each time, or None."""
-    from .train.data import PackedStream
-
-    if cfg.eval_batches <= 0:
-        return None
-    try:
-        PackedStream.from_store(store, "val", cfg, dist.rank, dist.world)
-    except InputError as e:
-        if dist.is_main:
-            warn(f"{kind}: no evaluation ({e})")
-        return None
-    return lambda: itertools.islice(PackedStream.from_store(store, "val", cfg, dist.rank, dist.world), cfg.eval_batches)
 
 
 def _planned(recipe: Recipe, stage: int, cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:

@@ -25,26 +25,11 @@ from typing import Any, Mapping, Optional
 from .config import Recipe, examples_dir
 from .console import log, print_json, warn
 from .errors import InputError
-from .layout import MANIFEST, STAGES, Workspace, atomic_write_text, read_manifest
+from .layout import MANIFEST, Workspace, atomic_write_text
+from .stages import ModelInput, input_tokenizer, latest_pretrained
 
 KIND = "sft"
-PRETRAIN_STAGES = ("pretrain-stage1", "pretrain-stage2", "pretrain-stage3")
 REJECTED = "rejected.jsonl"
-
-
-def source_checkpoint(ws: Workspace, run: str, from_: Optional[Path]) -> Path:
-    """`--from` (a stage folder means its final/), else the latest finished pretraining stage's final/."""
-    if from_ is None:
-        found = ws.latest_model(run, stages=PRETRAIN_STAGES)
-        if found is None:
-            raise InputError(f"no finished pretraining stage in {ws.run_dir(run)} (no pretrain-stage*/final/); "
-                             "run `lm2 pretrain` first, or pass --from CHECKPOINT")
-        return found
-    path = Path(from_).expanduser().resolve()
-    if read_manifest(path, what=f"--from {path}").get("kind") in STAGES:
-        path = path / "final"
-    read_manifest(path, kinds=("checkpoint",), what=f"--from {path}")
-    return path
 
 
 def data_paths(cfg, data: Optional[Path], eval_data: Optional[Path]) -> tuple[Path, Optional[Path]]:
@@ -150,13 +135,9 @@ def build_model(source: Path, max_len: int, tok):
     return model
 
 
-def load_tokenizer(ws: Workspace, source: Path):
-    from .tokenizer import Tokenizer
-
-    try:
-        return Tokenizer.load(source)
-    except InputError:
-        return Tokenizer.from_workspace(ws)
+def load_tokenizer(ws: Workspace, source: ModelInput | Path):
+    """Kept for align/run.py until it imports `stages.input_tokenizer` itself."""
+    return input_tokenizer(ws, source)
 
 
 def run_sft(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
@@ -168,11 +149,11 @@ def run_sft(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     from .train.loop import fit
 
     cfg = recipe.sft
-    source = source_checkpoint(ws, run, from_)
+    source = latest_pretrained(ws, run, from_)
     train_path, eval_path = data_paths(cfg, data, eval_data)
     stage_dir = ws.stage_dir(KIND, run)
     dist = init_distributed()
-    tok = load_tokenizer(ws, source)
+    tok = input_tokenizer(ws, source)
     examples, rejected, stats = load_conversations(tok, train_path, cfg.max_len)
     if dist.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -193,9 +174,9 @@ def run_sft(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     if dist.is_main:
         log(f"sft: {stats.kept} conversations ({stats.truncated} truncated, {len(rejected)} rejected) -> "
             f"{batches.n} rows of {cfg.max_len} ({data_stats['fill']:.0%} full), {stats.loss_tokens:,} trained "
-            f"tokens; {steps} steps from {source}")
-    model = build_model(source, cfg.max_len, tok)
-    inputs = [source, train_path] + ([eval_path] if eval_path else [])
+            f"tokens; {steps} steps from {source.path}")
+    model = build_model(source.path, cfg.max_len, tok)
+    inputs = [source.path, train_path] + ([eval_path] if eval_path else [])
     result = fit(model, train, batches, stage_dir, kind=KIND, resume=resume, tokenizer=tok, inputs=inputs,
                  recipe=recipe, dist=dist,
                  eval_data=eval_batches(tok, eval_path, cfg.max_len, train.micro_batch_size, train.eval_batches,

@@ -34,7 +34,7 @@ import torch
 from ..config import Recipe, examples_dir, to_yaml
 from ..console import log, print_json, progress, warn
 from ..errors import InputError, Lm2Error, WrongArtefact
-from ..layout import MANIFEST, STAGES, Workspace, atomic_write_text, read_manifest, staging_dir, write_manifest
+from ..layout import MANIFEST, Workspace, atomic_write_text, staging_dir, write_manifest
 from .records import load_records, parse_pair, parse_prompt
 from .reward_model import is_reward_folder
 
@@ -47,12 +47,10 @@ REJECTED, ROLLOUTS, METRICS = "rejected.jsonl", "rollouts.jsonl", "metrics.jsonl
 
 
 def _checkpoint(path: Path, what: str) -> Path:
-    """A checkpoint folder (a stage folder means its final/), refusing anything else by name."""
-    path = Path(path).expanduser().resolve()
-    if read_manifest(path, what=what).get("kind") in STAGES:
-        path = path / "final"
-    read_manifest(path, kinds=("checkpoint",), what=what)
-    return path
+    """A model folder (a stage folder means its final/), refusing anything else by name."""
+    from ..stages import model_input
+
+    return model_input(path, what).path
 
 
 def policy_checkpoint(ws: Workspace, run: str, from_: Optional[Path], allow_reward: bool = False) -> Path:

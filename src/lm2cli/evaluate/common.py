@@ -10,25 +10,14 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..layout import STAGES, Workspace
-
-# The reward model scores text rather than writing it: never the default model to evaluate.
-GENERATIVE_STAGES = tuple(s for s in STAGES if s != "rlhf-reward")
+from ..stages import GENERATIVE_STAGES, resolve_model
 
 
 def resolve_checkpoint(ws: Workspace, run: str, checkpoint: Path | None) -> Path:
-    """The given checkpoint, else the run's latest generative `final/`; refuse a missing one by name."""
-    if checkpoint is None:
-        found = ws.latest_model(run, stages=GENERATIVE_STAGES)
-        if found is None:
-            raise InputError(f"no checkpoint given and {ws.run_dir(run)} has no finished stage; "
-                             "train one (lm2 pretrain) or pass CHECKPOINT")
-        return found
-    path = Path(checkpoint).expanduser().resolve()
-    if not path.exists():
-        raise InputError(f"checkpoint {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a model checkpoint (no config.json)")
-    return path
+    """The given checkpoint, else the run's latest generative `final/` (see `stages.resolve_model`)."""
+    return resolve_model(ws, run, checkpoint, stages=GENERATIVE_STAGES, what="checkpoint",
+                         missing=f"no checkpoint given and {ws.run_dir(run)} has no finished stage; "
+                                 "train one (lm2 pretrain) or pass CHECKPOINT").path
 
 
 def load_tokenizer(checkpoint: Path):
