@@ -233,7 +233,8 @@ class PackedStream:
 
     # -- iteration ---------------------------------------------------------------------------------
 
-    def _is_long(self, k: int) -> bool:
+    def is_long(self, k: int) -> bool:
+        """Whether global sample k comes from the long-document stream."""
         if self.long_fraction <= 0:
             return False
         if self.long_fraction >= 1:
@@ -256,7 +257,7 @@ class PackedStream:
         labels = np.full((b, t), IGNORE_INDEX, dtype=np.int64)
         first_mine = self.sample + self.rank * b
         for k in range(self.sample, self.sample + b * self.world):
-            stream = self.long if self._is_long(k) else self.short
+            stream = self.long if self.is_long(k) else self.short
             i = k - first_mine
             if 0 <= i < b:
                 stream.fill(t, tokens[i], positions[i], labels[i])
