@@ -35,6 +35,11 @@ RunOpt = typer.Option("default", "--run", help="Run name: artefacts go under run
 RecipeOpt = typer.Option("tiny", "--recipe", "-r", help="Recipe name in recipes/ or a YAML path.")
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set pretrain.stage1.lr=3e-4 (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+DryRunOpt = typer.Option(False, "--dry-run", help="Resolve the recipe, inputs, model (meta device), DeepSpeed "
+                         "config, first global batch, memory per rank and outputs; print them and exit 0 only if "
+                         "the real run could start. Nothing is trained or written.")
+HostfileOpt = typer.Option(None, "--hostfile", help="With --dry-run: a DeepSpeed hostfile (`host slots=N` lines) "
+                           "whose slots are the world size to check.")
 
 
 def _recipe(recipe: str, overrides: Optional[List[str]]):
@@ -216,6 +221,8 @@ def pretrain(
                                          "start from (default: the previous stage's final/ in this run)."),
     plan: bool = typer.Option(False, "--plan", help="Take micro-batch, accumulation, ZeRO stage and activation "
                               "checkpointing from `lm2 plan`'s fastest layout that fits."),
+    dry_run: bool = DryRunOpt,
+    hostfile: Optional[Path] = HostfileOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Pretrain the InternLM2 architecture with DeepSpeed; writes runs/<run>/pretrain-stage<N>/
@@ -224,6 +231,12 @@ def pretrain(
     from .layout import Workspace
     from .pretrain import run_pretrain
 
+    if dry_run:
+        from . import dryrun
+
+        dryrun.pretrain(Workspace.at(workdir), _recipe(recipe, set_), stage, run=run, from_=from_,
+                        nproc=nproc if nproc > 1 else None, hostfile=hostfile).finish(json_out)
+        return
     run_pretrain(Workspace.at(workdir), _recipe(recipe, set_), stage, run=run, resume=resume, nproc=nproc,
                  from_=from_, plan=plan, json_out=json_out)
 
@@ -246,6 +259,8 @@ def extend_context(
     run: str = RunOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
+    dry_run: bool = DryRunOpt,
+    hostfile: Optional[Path] = HostfileOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Extend a checkpoint's context (RoPE base / interpolation / NTK / YaRN) and train at it; writes
@@ -253,6 +268,12 @@ def extend_context(
     from .extend_context import run_extend_context
     from .layout import Workspace
 
+    if dry_run:
+        from . import dryrun
+
+        dryrun.extend_context(Workspace.at(workdir), _recipe(recipe, set_), run, from_=from_, hostfile=hostfile,
+                              method=method, seq_len=seq_len, factor=factor, rope_theta=rope_theta).finish(json_out)
+        return
     run_extend_context(Workspace.at(workdir), _recipe(recipe, set_), run, from_=from_, method=method, seq_len=seq_len,
                        factor=factor, rope_theta=rope_theta, resume=resume, json_out=json_out)
 
@@ -274,6 +295,8 @@ def sft(
     run: str = RunOpt,
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
+    dry_run: bool = DryRunOpt,
+    hostfile: Optional[Path] = HostfileOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Supervised fine-tuning on ChatML conversations, loss on assistant turns only; writes runs/<run>/sft/
@@ -282,6 +305,12 @@ def sft(
     from .sft import run_sft
 
     overrides = list(set_ or []) + ([f"sft.max_len={max_len}"] if max_len else [])
+    if dry_run:
+        from . import dryrun
+
+        dryrun.sft(Workspace.at(workdir), _recipe(recipe, overrides), run, data=data, eval_data=eval_data,
+                   from_=from_, hostfile=hostfile).finish(json_out)
+        return
     run_sft(Workspace.at(workdir), _recipe(recipe, overrides), run=run, data=data, from_=from_, resume=resume,
             eval_data=eval_data, json_out=json_out)
 
@@ -368,13 +397,20 @@ def rlhf_reward(
                                          "runs/<run>/sft/final); a reward model continues with its head."),
     resume: str = ResumeOpt,
     workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt,
+    set_: Optional[List[str]] = SetOpt, dry_run: bool = DryRunOpt, hostfile: Optional[Path] = HostfileOpt,
+    json_out: bool = JsonOpt,
 ) -> None:
     """Train the conditional reward model (focal ranking loss + log barrier, score at an appended reward
     token); writes runs/<run>/rlhf-reward/ with held-out accuracy per condition."""
     from .align.run import run_reward
     from .layout import Workspace
 
+    if dry_run:
+        from . import dryrun
+
+        dryrun.rlhf_reward(Workspace.at(workdir), _recipe(recipe, set_), run, data=data, from_=from_,
+                           hostfile=hostfile).finish(json_out)
+        return
     run_reward(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, resume=resume,
                json_out=json_out)
 
@@ -388,13 +424,20 @@ def rlhf_ppo(
     ptx: Optional[str] = PtxOpt,
     resume: str = ResumeOpt,
     workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
-    set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt,
+    set_: Optional[List[str]] = SetOpt, dry_run: bool = DryRunOpt, hostfile: Optional[Path] = HostfileOpt,
+    json_out: bool = JsonOpt,
 ) -> None:
     """PPO against the frozen conditional reward model (KL-shaped reward, GAE, clipped policy loss, PTX);
     writes runs/<run>/rlhf-ppo/ (metrics.jsonl per iteration, rollouts.jsonl, final/ = the actor)."""
     from .align.run import run_ppo
     from .layout import Workspace
 
+    if dry_run:
+        from . import dryrun
+
+        dryrun.rlhf_ppo(Workspace.at(workdir), _recipe(recipe, set_), run, data=data, from_=from_, reward=reward,
+                        hostfile=hostfile).finish(json_out)
+        return
     run_ppo(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, reward=reward, ptx=ptx,
             resume=resume, json_out=json_out)
 
