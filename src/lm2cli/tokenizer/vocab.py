@@ -239,14 +239,15 @@ def _pad(n: int, multiple: int) -> int:
 
 def check_arithmetic(cfg: TokenizerConfig, vocab_size: int) -> None:
     """Refuse, before reading any text, a recipe whose vocabulary cannot equal `model.vocab_size`."""
-    if not vocab_size:
-        return
     planned = planned_vocab_size(cfg)
-    if planned is not None and planned != vocab_size:
-        raise InputError(
-            f"tokenizer 3 + n_en {cfg.n_en} + n_zh {cfg.n_zh} + n_spare {max(cfg.n_spare, MIN_SPARES)} "
-            f"(padded to {cfg.pad_multiple}) = {planned}, but model.vocab_size is {vocab_size}; "
-            f"set tokenizer.n_zh={cfg.n_zh + vocab_size - planned} or model.vocab_size={planned}")
+    if not vocab_size or planned is None or planned == vocab_size:
+        return
+    spare = max(cfg.n_spare, MIN_SPARES)
+    raw = N_CONTROL + cfg.n_en + cfg.n_zh + spare
+    padded = f" (padded to a multiple of {cfg.pad_multiple}: {planned})" if planned != raw else ""
+    fix = f"set tokenizer.n_zh={cfg.n_zh + vocab_size - raw} or " if cfg.n_zh + vocab_size - raw >= 0 else ""
+    raise InputError(f"tokenizer 3 + n_en {cfg.n_en} + n_zh {cfg.n_zh} + n_spare {spare} = {raw}{padded}, but "
+                     f"model.vocab_size is {vocab_size}; {fix}set model.vocab_size={planned}")
 
 
 def build_vocab(cfg: TokenizerConfig, zh_words: Counter, task: Any = None, vocab_size: int = 0
