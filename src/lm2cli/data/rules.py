@@ -1,8 +1,11 @@
 """Heuristic rule filters, CJK-aware (SPEC §4.4, P4): Gopher quality and repetition, C4 lines, FineWeb,
 FineWeb-2/ChineseWebText/YuLan for Chinese, and lm2's own character-class rules.
 
-Every count is on mixed tokens (one CJK ideograph = one token, one Latin/digit run = one word), so
-English-centred rules neither reject all Chinese nor wave through Chinese spam. `check(record, cfg)`
+English rules count mixed tokens (one Latin/digit run = one word). Chinese (and mixed) documents are
+measured in the unit FineWeb-2 set its cmn_Hani thresholds for: jieba words, split as datatrove splits
+them (stripped, empties dropped; after NFKC so full-width digits group like ASCII ones), with datatrove's
+definitions of the word-level measures. So English-centred rules neither reject all Chinese nor wave
+through Chinese spam, and FineWeb-2's numbers mean what they meant there. `check(record, cfg)`
 returns None to keep, or a named reason `family.rule` (e.g. `gopher_rep.dup_5gram`, `c4.lorem_ipsum`,
 `cwt.too_short`). C4's line rules rewrite English web text in place, as C4 does; the count of removed
 lines goes to `meta.lm2.c4_lines_removed`. Checks run cheapest first and stop at the first reason.
@@ -11,7 +14,9 @@ lines goes to `meta.lm2.c4_lines_removed`. Checks run cheapest first and stop at
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import unicodedata
 from collections import Counter
 from typing import Optional
 
@@ -28,15 +33,47 @@ _WS = re.compile(r"\s+")
 _CJK_BASIC = re.compile(r"[\u4e00-\u9fa5]")
 
 
-class Doc:
-    """The measures several rules share, computed once per document."""
+_JIEBA = None
 
-    def __init__(self, text: str):
+
+def _jieba():
+    """jieba, initialised once per process (its dictionary load takes ~1 s; its log line is noise)."""
+    global _JIEBA
+    if _JIEBA is None:
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        jieba.initialize()
+        _JIEBA = jieba
+    return _JIEBA
+
+
+def zh_words(text: str) -> list[str]:
+    """jieba words as FineWeb-2 counted them (datatrove's zh word tokenizer: jieba with HMM, each word
+    stripped, empty ones dropped). NFKC first: jieba groups only ASCII digits and letters, so without it
+    '１９９８年' becomes five one-character words and typeset news looks like number soup."""
+    norm = unicodedata.normalize("NFKC", text).lower()
+    return [w for w in (t.strip() for t in _jieba().lcut(norm)) if w]
+
+
+def _is_symbol_word(word: str) -> bool:
+    return all(mixed.is_punct(ch) or mixed.is_symbol(ch) for ch in word)
+
+
+class Doc:
+    """The measures several rules share, computed once per document.
+
+    `words`: the document's words when the language has its own segmentation (jieba for Chinese);
+    otherwise mixed tokens.
+    """
+
+    def __init__(self, text: str, words: Optional[list[str]] = None):
         self.text = text
         self.lines = [ln.strip() for ln in text.split("\n")]
         self.lines = [ln for ln in self.lines if ln]
         self.paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-        self.tokens = mixed.tokens(text.lower())  # every rule here is case-insensitive
+        # every rule here is case-insensitive
+        self.tokens = words if words is not None else mixed.tokens(text.lower())
         self.n_tokens = len(self.tokens)
         self.nonspace = mixed.count_nonspace(text)
         self.token_chars = sum(map(len, self.tokens))
@@ -128,6 +165,59 @@ def _repetition(doc: Doc, cfg) -> Optional[str]:
         if frac > limit:
             return f"gopher_rep.dup_{n}gram"
         if frac == 0.0:  # no repeated n-gram means no repeated longer one either
+            break
+    return None
+
+
+def _top_word_ngram_chars(keys: np.ndarray, lens: np.ndarray, n: int) -> int:
+    """datatrove's `find_top_duplicate`: chars of the most frequent n-gram (words joined by one space) times
+    its count."""
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    j = int(counts.argmax())
+    start = int(first[j])
+    return (int(lens[start:start + n].sum()) + n - 1) * int(counts[j])
+
+
+def _dup_word_ngram_chars(keys: np.ndarray, lens: np.ndarray, n: int) -> int:
+    """datatrove's `find_all_duplicate`: scan left to right; an n-gram seen before adds its chars and the scan
+    jumps past it, so overlapping repeats are counted once and first occurrences not at all."""
+    seen: set[int] = set()
+    chars, i, m = 0, 0, len(keys)
+    key_list = keys.tolist()
+    while i < m:
+        k = key_list[i]
+        if k in seen:
+            chars += int(lens[i:i + n].sum())
+            i += n
+        else:
+            seen.add(k)
+            i += 1
+    return chars
+
+
+def _word_repetition(doc: Doc, cfg) -> Optional[str]:
+    """Gopher's repetition table as FineWeb-2 measured it for cmn_Hani: n-grams of jieba words, characters
+    over the length of the text (datatrove's GopherRepetitionFilter)."""
+    for name, limit, (frac, char_frac) in (
+        ("lines", (cfg.max_dup_line_frac, cfg.max_dup_line_char_frac), _dup_fraction(doc.lines)),
+        ("paragraphs", (cfg.max_dup_para_frac, cfg.max_dup_para_char_frac), _dup_fraction(doc.paragraphs)),
+    ):
+        if limit[0] is not None and frac > limit[0]:
+            return f"gopher_rep.dup_{name}"
+        if limit[1] is not None and char_frac > limit[1]:
+            return f"gopher_rep.dup_{name}_chars"
+    ids, lens = doc.arrays()
+    total = max(1, len(doc.text))
+    for n, limit in zip((2, 3, 4), cfg.max_top_ngram_char_frac):
+        if limit is not None and len(ids) >= n and _top_word_ngram_chars(_gram_keys(ids, n), lens, n) / total > limit:
+            return f"gopher_rep.top_{n}gram"
+    for n, limit in zip(range(5, 11), cfg.max_dup_ngram_char_frac):
+        if limit is None or len(ids) < n:
+            continue
+        chars = _dup_word_ngram_chars(_gram_keys(ids, n), lens, n)
+        if chars / total > limit:
+            return f"gopher_rep.dup_{n}gram"
+        if chars == 0:  # no repeated n-gram means no repeated longer one either
             break
     return None
 
@@ -262,23 +352,23 @@ def check_en(record: dict, cfg: EnRules, common: CommonRules) -> Optional[str]:
 def check_zh(record: dict, cfg: ZhRules, common: CommonRules, monolingual: bool = True,
              en_stop_words: tuple = ()) -> Optional[str]:
     text = record["text"]
-    doc = Doc(text)
-    if cfg.max_short_chars is not None and doc.nonspace <= cfg.max_short_chars:
-        return "cwt.too_short"
+    if cfg.max_short_chars is not None and mixed.count_nonspace(text) <= cfg.max_short_chars:
+        return "cwt.too_short"  # before segmenting: the cheapest rule needs no words
+    doc = Doc(text, words=zh_words(text))
+    words = doc.tokens
     n = max(1, doc.n_tokens)
-    mean = doc.token_chars / n
-    if cfg.min_avg_token_length is not None and mean < cfg.min_avg_token_length:
-        return "fw2.avg_token_length"
-    if cfg.max_avg_token_length is not None and mean > cfg.max_avg_token_length:
-        return "fw2.avg_token_length"
-    if cfg.max_non_alpha_tokens_ratio is not None:
-        if sum(map(str.isdigit, doc.tokens)) / n > cfg.max_non_alpha_tokens_ratio:
-            return "fw2.non_alpha_tokens"
+    content = [w for w in words if not _is_symbol_word(w)]
+    mean = sum(map(len, content)) / max(1, len(content))
+    if cfg.min_avg_word_length is not None and mean < cfg.min_avg_word_length:
+        return "fw2.avg_word_length"
+    if cfg.max_avg_word_length is not None and mean > cfg.max_avg_word_length:
+        return "fw2.avg_word_length"
+    if cfg.min_alpha_words_ratio is not None:
+        if sum(1 for w in words if any(ch.isalpha() for ch in w)) / n < cfg.min_alpha_words_ratio:
+            return "fw2.alpha_words"
     if cfg.min_stop_words is not None:
-        found = len(set(cfg.stop_words).intersection(text))
-        if not monolingual:
-            found += len(set(en_stop_words).intersection(doc.tokens))
-        if found < cfg.min_stop_words:
+        stops = set(cfg.stop_words) if monolingual else set(cfg.stop_words) | set(en_stop_words)
+        if sum(1 for w in words if w in stops) < cfg.min_stop_words:
             return "fw2.stop_words"
     if doc.lines:
         if cfg.cwt_min_avg_line_length is not None and doc.nonspace / len(doc.lines) < cfg.cwt_min_avg_line_length:
@@ -307,7 +397,7 @@ def check_zh(record: dict, cfg: ZhRules, common: CommonRules, monolingual: bool 
         grams = [flat[i:i + 13] for i in range(0, max(0, len(flat) - 12))]
         if grams and (len(grams) - len(set(grams))) / len(grams) > cfg.cwt_max_13gram_rep:
             return "cwt.13gram_rep"
-    return _repetition(doc, cfg)
+    return _word_repetition(doc, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
