@@ -170,7 +170,10 @@ def test_sharded_bf16_folder_round_trip(tmp_path):
     assert kept.output.weight.dtype == torch.bfloat16
     from transformers import AutoModelForCausalLM  # the same shards through lm2's shipped modeling code
 
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"), trust_remote_code=True, dtype=torch.float32)
+    import transformers
+
+    fp32 = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"), trust_remote_code=True, **fp32)
     with torch.no_grad():
         assert (hf(ids).logits - cast(ids)).abs().max().item() <= 1e-4
 
