@@ -186,3 +186,60 @@ def test_two_ranks_times_micro_batches_give_one_big_batch_gradient(tmp_path):
     logs = [p.communicate(timeout=280)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
     _assert_same(torch.load(out), _one_big_batch_gradients(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bf16 runs: fp32 master weights, gradients accumulated in fp32
+
+
+def test_bf16_deepspeed_config_accumulates_in_fp32_under_zero():
+    from lm2cli.train.engine import deepspeed_config
+
+    for sharding, stage in [("full-replica", 1), ("partial", 2), ("full", 3)]:
+        ds = deepspeed_config(TrainConfig(precision="bf16", sharding=sharding), 2)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"]["enabled"]
+        assert ds["zero_optimization"]["stage"] == stage  # 0.19.8 has no fp32 accumulation without ZeRO
+    fp32 = deepspeed_config(TrainConfig(precision="fp32"), 2)
+    assert "data_types" not in fp32 and fp32["zero_optimization"]["stage"] == 0
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4, 4))
+
+    def forward(self, scale: float):
+        return (self.w.float() * scale).sum()
+
+
+@pytest.mark.parametrize("sharding, fp32_accum", [("full-replica", True), ("partial", True), ("full", True),
+                                                  ("partial", False)])
+def test_bf16_gradients_accumulate_in_fp32_into_fp32_master_weights(sharding, fp32_accum):
+    # 8 micro-steps: one gradient of 1/8, seven of 2^-13 (after DeepSpeed's 1/8). In bf16 (8-bit mantissa)
+    # 2^-13 is under half an ulp of 1/8 and vanishes; accumulated in fp32 the seven add up.
+    from lm2cli.train.engine import Engine, deepspeed_config, init_distributed
+
+    dist = init_distributed()
+    cfg = TrainConfig(micro_batch_size=1, grad_accum=8, grad_clip=0.0, precision="bf16", sharding=sharding, max_steps=1)
+    ds = deepspeed_config(cfg, dist.world)
+    if not fp32_accum:  # the old config, as the control: DeepSpeed's default accumulates in the model dtype
+        del ds["data_types"]
+    engine = Engine(_Scaled(), cfg, 1, dist, ds)
+    assert engine.module.w.dtype == torch.bfloat16
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.extend((p.dtype, p.grad.clone()) for g in opt.param_groups for p in g["params"]))
+    try:
+        for scale in [1.0] + [2.0**-10] * 7:
+            engine.backward(engine.model(scale))
+            engine.step()
+    finally:
+        hook.remove()
+    ((dtype, grad),) = seen
+    assert dtype == torch.float32  # the optimizer updates fp32 master weights
+    got = grad.flatten()[:16]
+    if fp32_accum:  # ZeRO-1 all-reduces the fp32 sum in bf16 at the boundary: within one bf16 rounding
+        want = 0.125 + 7 * 2.0**-13
+        assert torch.all((got - want).abs() <= want * 2.0**-9), got
+    else:
+        assert torch.all(got == 0.125), got
