@@ -366,3 +366,30 @@ def test_gguf_of_a_released_sentencepiece_folder(tmp_path):
     assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert f["tokenizer.ggml.eot_token_id"] == VOCAB - 2
     assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    # and back out in its own layout: bf16 shards, the SentencePiece files, the same weights
+    again = export_checkpoint(folder, tmp_path / "again", dtype="bf16", max_shard_size="200KB")
+    assert (again / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
+    assert (again / INDEX).is_file() and (again / "modeling_internlm2.py").is_file()
+    a, b = load_model(folder).state_dict(), load_model(again).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(120)
+def test_cli_export_gguf_and_bad_arguments(tmp_path):
+    import subprocess
+    import sys
+
+    save_model(tiny(), tmp_path / "final", tokenizer=tokenizer())
+
+    def lm2(*args):
+        return subprocess.run([sys.executable, "-m", "lm2cli.cli", "export", str(tmp_path / "final"), *args],
+                              capture_output=True, text=True)
+
+    ok = lm2("--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--dtype", "f16", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["out"] == str(tmp_path / "m.gguf") and (tmp_path / "m.gguf").stat().st_size > 0
+    bad = lm2("--format", "gguf", "--out", str(tmp_path / "x.gguf"), "--dtype", "int4")
+    assert bad.returncode == 2 and "unknown dtype 'int4'" in bad.stderr and not (tmp_path / "x.gguf").exists()
+    bad = lm2("--format", "onnx", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "unknown export format 'onnx'" in bad.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
