@@ -382,19 +382,15 @@ def weight_files(path: str | Path) -> list[Path]:
 
 
 def _stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
                     yield name, handle.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as e:  # safetensors' errors for truncated files
+        except (OSError, RuntimeError, SafetensorError) as e:  # a truncated or foreign file
             raise InputError(f"{f} is unreadable ({e}); the checkpoint is corrupt or partial") from None
-        except Exception as e:
-            if type(e).__name__ == "SafetensorError":
-                raise InputError(f"{f} is unreadable ({e}); the checkpoint is corrupt or partial") from None
-            raise
 
 
 def checkpoint_dtype(path: str | Path) -> torch.dtype:
@@ -464,6 +460,8 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dt
     """One `model.safetensors`, or shards + index when they exceed `max_shard_size` bytes."""
     from safetensors.torch import save_file
 
+    for stale in [*path.glob("model*.safetensors"), path / INDEX]:  # an earlier save's shards must not mix in
+        stale.unlink(missing_ok=True)
     meta = {"format": "pt"}
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
