@@ -15,6 +15,7 @@ from lm2cli.plan import (
     cluster,
     deepspeed_config,
     enumerate_plan,
+    layouts,
     memory,
     model_state_bytes,
     plan_recipe,
@@ -153,7 +154,9 @@ def test_deepspeed_config_is_valid_for_deepspeed():
     train = TrainConfig(precision="bf16", grad_clip=1.0)
     for layout in (Layout(1, 0, 2, 4), Layout(1, 2, 1, 1), Layout(1, 3, 1, 8, checkpointing=True)):
         ds = DeepSpeedConfig(deepspeed_config(layout, train))  # world size 1 outside a launcher
-        assert ds.zero_optimization_stage == layout.zero_stage
+        # bf16 accumulates gradients in fp32, which deepspeed 0.19.8 does only under ZeRO: stage 0 runs as 1
+        assert ds.zero_optimization_stage == max(1, layout.zero_stage)
+        assert ds.grad_accum_dtype == "fp32"
         assert ds.train_micro_batch_size_per_gpu == layout.micro_batch
         assert ds.gradient_accumulation_steps == layout.grad_accum
         assert ds.bfloat16_config.enabled
@@ -189,7 +192,8 @@ def test_cli_json_is_sorted_by_step_time():
 def test_cli_table_names_the_best_and_the_rejected():
     res = _plan("--recipe", "internlm2-7b", "--gpus", "8", "--gpu", "A100-80", "--top", "2")
     assert res.exit_code == 0, res.output
-    assert "ZeRO-1 mb 1×122" in res.stdout and "out of memory" in res.stdout and "ZeRO-0" in res.stdout
+    assert "ZeRO-1 mb 1×122" in res.stdout and "out of memory" in res.stdout
+    assert "ZeRO-0" not in res.stdout  # a bf16 run accumulates gradients in fp32, which needs ZeRO >= 1
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -209,3 +213,35 @@ def test_cli_zero_gpus_prints_one_line_and_exits_2():
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert lines[0] == "lm2: error: --gpus must be at least 1, got 0"
+
+
+def test_memory_counts_the_attention_path_and_the_chunked_loss():
+    from lm2cli.plan import LOGITS_CHUNK, loss_bytes
+
+    shape = _shape("internlm2-7b")
+    linear = Workload(shape, 32768, 32768 * 8, "bf16")
+    dense = Workload(shape, 32768, 32768 * 8, "bf16", flash_attention=False)
+    lay = Layout(8, 3, 1, 1, checkpointing=True)
+    # The dense fallback keeps the B×T×T mask (1 GiB per row at 32k) and the SPEC's score term.
+    assert memory(dense, lay).activations - memory(linear, lay).activations > 32768**2
+    # The loss holds one chunk of logits (2 + 4 + 4 bytes per value) and the head's fp32 weight gradient,
+    # not B×T×V (32k × 92,544 × 10 B = 28 GiB): about 2.2 GiB whatever the sequence length.
+    chunk = LOGITS_CHUNK // shape.vocab
+    assert loss_bytes(linear, lay) == chunk * shape.vocab * 10 + 4 * shape.vocab * shape.hidden + 4 * 32768
+    assert loss_bytes(linear, lay) < 2.5 * 2**30
+
+
+def test_plan_chunk_matches_the_loss_module():
+    pytest.importorskip("torch")
+    from lm2cli.plan import LOGITS_CHUNK
+    from lm2cli.train import loss
+
+    assert LOGITS_CHUNK == loss.LOGITS_CHUNK
+
+
+def test_bf16_gradients_are_fp32_in_the_memory_model():
+    work = Workload(_shape("internlm2-7b"), 4096, 4096 * 64, "bf16")
+    phi = work.model.params
+    assert memory(work, Layout(64, 1, 1, 1)).grads == 4 * phi  # BF16_Optimizer's full fp32 buffer
+    assert memory(work, Layout(64, 2, 1, 1)).grads == 4 * phi / 64
+    assert all(lay.zero_stage >= 1 for lay, _ in layouts(work, cluster(64, 8, "A100-80")))

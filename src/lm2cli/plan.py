@@ -13,10 +13,17 @@ Memory per GPU follows what deepspeed 0.19.8 allocates, not only the textbook 16
   parameter under bf16, SPEC §6.3), sharded per stage; every ZeRO stage keeps a separate fp32 master
   copy even in fp32 training, the optimizer step reads an fp32 copy of the gradient shard, and hpZ adds
   its secondary parameter shard (bench/plan_memory.py measures these against DeepSpeed);
-- activations: SPEC §6.3's `s·b·H·L·(34 + 5·a·s/H)` (the attention-score term only without
-  FlashAttention), or, with checkpointing, the layer inputs plus one layer being recomputed;
-- buffers: the logits B×T×V (low precision, the fp32 upcast and its gradient), DeepSpeed's gradient
-  buckets and ZeRO-3's gathered-parameter working set (with the tensors under
+- gradients: under bf16 accumulated in fp32 (`data_types.grad_accum_dtype`, train/engine.py), so
+  ZeRO-1's BF16_Optimizer holds a full fp32 gradient buffer and ZeRO-2/3 an fp32 shard; a bf16 run
+  has no ZeRO-0 layout (deepspeed 0.19.8 accumulates bf16 weights' gradients in fp32 only under ZeRO,
+  so lm2 runs bf16 full-replica as ZeRO-1);
+- activations: SPEC §6.3's `s·b·H·L·(34 + 5·a·s/H)` (the attention-score term, and the B×T×T mask,
+  only for the dense-mask fallback: lm2's packed attention — flash varlen, FlexAttention, per-document
+  SDPA — keeps nothing quadratic in T), or, with checkpointing, the layer inputs plus one layer being
+  recomputed;
+- buffers: the loss's logits one chunk of tokens at a time (train/loss.py: the chunk in the model
+  dtype, its fp32 upcast and fp32 gradient, the head's fp32 weight-gradient sum, a log-sum-exp per
+  token — never B×T×V in fp32), DeepSpeed's gradient buckets and ZeRO-3's gathered-parameter working set (with the tensors under
   `stage3_param_persistence_threshold`, which stay gathered through forward and backward), a runtime
   reserve (CUDA context, NCCL), and a fragmentation headroom on everything allocated per step.
 
@@ -228,7 +235,7 @@ class Workload:
     global_batch_tokens: int
     precision: str = "bf16"  # "bf16" mixed precision or "fp32"
     mfu: float = 0.5  # share of peak that executed FLOPs reach
-    flash_attention: bool = True  # InternLM2 trains with FlashAttention-2: no T×T scores kept
+    flash_attention: bool = True  # packed attention without T×T scores or mask (False: the dense fallback)
 
     def __post_init__(self):
         if self.seq_len < 1:
@@ -415,11 +422,14 @@ def memory(work: Workload, layout: Layout, runtime_reserve: float = RUNTIME_RESE
     # default accumulation dtype) and what the optimizer step holds: stage 0 converts the whole set to fp32
     # beside the bf16 one, ZeRO-1/2 convert their shard and free the rest (in place under fp32), ZeRO-3
     # flattens its shard into a new fp32 tensor beside its partition buffer.
+    # Under bf16 the gradients accumulate in fp32: ZeRO-1 (BF16_Optimizer) in a full-size fp32 buffer,
+    # ZeRO-2/3 in their fp32 shard (ZeRO-3 flattens it once more for the step).
     backward = p * phi / sg
-    step = {0: p * phi + (4 * phi if mixed else 0.0), 1: 4 * phi / n, 2: 4 * phi / n}.get(s, (p + 4) * phi / n)
+    step = {0: p * phi + (4 * phi if mixed else 0.0), 1: 4 * phi if mixed else 4 * phi / n,
+            2: 4 * phi / n}.get(s, (8 if mixed else p + 4) * phi / n)
     grads = max(backward, step)
     act = activation_bytes(work, layout)
-    logits = layout.micro_batch * work.seq_len * shape.vocab * (p + 8.0)
+    logits = loss_bytes(work, layout)
     buffers = _buffer_bytes(work, layout)
     frag = FRAGMENTATION * (act + logits + buffers)
     return Memory(params, grads, optimizer, act, logits, buffers, runtime_reserve, frag)
@@ -427,14 +437,30 @@ def memory(work: Workload, layout: Layout, runtime_reserve: float = RUNTIME_RESE
 
 def activation_bytes(work: Workload, layout: Layout) -> float:
     """SPEC §6.3: s·b·H·L·(34 + 5·a·s/H)/tp for 16-bit activations; with checkpointing each block keeps only
-    its input (2·s·b·H) and one block at a time is recomputed in full."""
+    its input (2·s·b·H) and one block at a time is recomputed in full. The 5·a·s/H score term and the
+    boolean B×T×T document mask (one byte per entry, shared by the layers) count only for the dense
+    fallback; lm2's packed attention paths grow with T."""
     m = work.model
     sbh = work.seq_len * layout.micro_batch * m.hidden
     scores = 0.0 if work.flash_attention else 5.0 * m.heads * work.seq_len / m.hidden
+    mask = 0.0 if work.flash_attention else float(layout.micro_batch) * work.seq_len**2
     per_layer = sbh * (34.0 + scores) / layout.tp * (work.bytes_per_param / 2)
     if not layout.checkpointing:
-        return per_layer * m.layers
-    return 2.0 * sbh * (work.bytes_per_param / 2) * m.layers + per_layer
+        return per_layer * m.layers + mask
+    return 2.0 * sbh * (work.bytes_per_param / 2) * m.layers + per_layer + mask
+
+
+LOGITS_CHUNK = 2**26  # = train.loss.LOGITS_CHUNK (logits elements per chunk; kept here so plan needs no torch)
+
+
+def loss_bytes(work: Workload, layout: Layout) -> float:
+    """The chunked head + cross-entropy (train/loss.py) at its peak, in backward: one chunk's logits in the
+    model dtype, their fp32 upcast and fp32 gradient, the fp32 sum of the head's weight gradient, and one
+    fp32 log-sum-exp per token."""
+    m, p = work.model, work.bytes_per_param
+    tokens = layout.micro_batch * work.seq_len
+    chunk = min(tokens, max(1, LOGITS_CHUNK // m.vocab))
+    return chunk * m.vocab * (p + 8.0) + 4.0 * m.vocab * m.hidden + 4.0 * tokens
 
 
 def _buffer_bytes(work: Workload, layout: Layout) -> float:
@@ -527,6 +553,8 @@ def _splits(work: Workload, dp: int) -> Iterable[tuple[int, int, str]]:
 
 def layouts(work: Workload, cl: Cluster, zero_stages: Iterable[int] | None = None) -> Iterable[tuple[Layout, str]]:
     stages = sorted(set(zero_stages)) if zero_stages is not None else [0, 1, 2, 3]
+    if work.precision == "bf16":  # bf16 full-replica runs as ZeRO-1 (fp32 gradient accumulation)
+        stages = [s for s in stages if s > 0]
     hpzs = [1] + ([cl.gpus_per_node] if cl.gpus > cl.gpus_per_node > 1 else [])
     dp = cl.gpus  # tp = pp = 1
     bucket = min(REDUCE_BUCKET, work.model.params)  # DeepSpeed's default, never larger than the model
@@ -618,8 +646,9 @@ def deepspeed_config(layout: Layout, train: TrainConfig) -> dict:
     """The deepspeed 0.19.8 config for a layout. The optimizer is the caller's (a torch AdamW passed to
     `deepspeed.initialize`), hence `zero_allow_untested_optimizer`; activation checkpointing is the
     model's own flag (`InternLM2.gradient_checkpointing = layout.checkpointing`), not a DeepSpeed section."""
+    bf16 = train.precision == "bf16"
     zero: dict = {
-        "stage": layout.zero_stage,
+        "stage": max(1, layout.zero_stage) if bf16 else layout.zero_stage,  # see train.engine.deepspeed_config
         "contiguous_gradients": True,
         "overlap_comm": layout.zero_stage >= 2,
         "reduce_scatter": True,
@@ -639,7 +668,8 @@ def deepspeed_config(layout: Layout, train: TrainConfig) -> dict:
         "gradient_accumulation_steps": layout.grad_accum,
         "train_batch_size": layout.micro_batch * layout.grad_accum * layout.dp,
         "gradient_clipping": train.grad_clip,
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # lm2 logs progress itself
