@@ -88,7 +88,12 @@ def test_transformers_generate_matches_lm2_greedy_with_and_without_cache(tmp_pat
     save_model(m, tmp_path / "final", tokenizer=tokenizer())
     hf = _hf_load(tmp_path / "final")
     tok = tokenizer()
-    prompts = [tok.encode("The quick brown fox", bos=True), tok.encode("北京是中国的首都，上海", bos=True)]
+    texts = ["The quick brown fox", "北京是中国的首都，上海"]
+    prompts = [tok.encode(t, bos=True) for t in texts]
+    from transformers import AutoTokenizer  # the folder's HF tokenizer gives the same prompt ids
+
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "final"))
+    assert [hf_tok(t)["input_ids"] for t in texts] == prompts
     ours = generate(m, prompts, max_new_tokens=12, stop_ids=[])
     for prompt, want in zip(prompts, ours):
         x = torch.tensor([prompt])
