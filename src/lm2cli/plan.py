@@ -765,14 +765,32 @@ def run_plan(
     zero: list[int] | None = None,
     top: int = 5,
     json_out: bool = False,
-) -> Plan:
-    """`lm2 plan`: every layout for the recipe's pretraining stage on the cluster, best first."""
+    rlhf: str | None = None,
+) -> Plan | list[RLHFCandidate]:
+    """`lm2 plan`: every layout for the recipe's pretraining stage (or, with `rlhf`, its `reward` model
+    training or its `ppo` stage) on the cluster, best first."""
     if zero and any(z not in (0, 1, 2, 3) for z in zero):
         raise InputError(f"--zero takes 0, 1, 2 or 3, got {', '.join(map(str, zero))}")
     if top < 1:
         raise InputError(f"--top must be at least 1, got {top}")
+    if rlhf not in (None, "reward", "ppo"):
+        raise InputError(f"--rlhf takes reward or ppo, got {rlhf!r}")
     cl = cluster(gpus, gpus_per_node, gpu, gpu_memory, peak_tflops, intra_bw, inter_bw)
-    plan = plan_recipe(recipe, cl, stage, seq_len, global_batch_tokens, mfu, zero or None)
+    if rlhf == "ppo":
+        cands = plan_rlhf(recipe, cl, zero or None)
+        best_rlhf_layout(recipe, cl, zero or None)
+        if json_out:
+            from .console import print_json
+
+            print_json([c.to_json(cl.memory_gib) for c in cands])
+        else:
+            print_rlhf_plan(recipe, cl, cands, top)
+        return cands
+    if rlhf == "reward":
+        work = reward_workload(recipe, mfu)
+        plan = Plan(work, cl, enumerate_plan(work, cl, zero or None))
+    else:
+        plan = plan_recipe(recipe, cl, stage, seq_len, global_batch_tokens, mfu, zero or None)
     plan.best()  # nothing runnable is an input problem: say so in one line
     if json_out:
         from .console import print_json
@@ -781,3 +799,209 @@ def run_plan(
     else:
         print_plan(plan, top)
     return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# RLHF (SPEC §8): PPO's four models and its rollout buffer; the reward model trains like pretraining
+#
+# PPO holds four models of one shape per rank (align/ppo.py): the actor and the critic are training
+# engines (model states as above, sharded by their ZeRO stage), the reference and the reward model are
+# frozen (16-bit or fp32 weights only: whole per rank, ZeRO-3-sharded when the actor is, or in CPU memory
+# with `frozen_offload`). On top of these resident states a rank's peak is the larger of two phases:
+# - rollout: under ZeRO-3 the actor's whole weights (gathered once for generation), the KV cache of one
+#   generation micro-batch (prompt + response long) and its step logits;
+# - update: one training micro-batch's activations and its response-position logits (fp32 upcast and
+#   gradient), plus the critic's (no vocabulary logits) and DeepSpeed's buffers;
+# and, throughout, the rollout buffer: this rank's sequences and eight [responses × R] per-token tensors.
+# The layout chosen is a rule, not a time model: generation dominates PPO's time, so the largest
+# generation micro-batch that fits wins, then the lowest ZeRO stage (least communication), the largest
+# update micro-batch, no activation checkpointing, and CPU offload only when nothing else fits.
+
+
+@dataclass(frozen=True)
+class RLHFLayout:
+    dp: int
+    zero_stage: int  # actor and critic; the frozen models are ZeRO-3-sharded when this is 3
+    micro_batch: int  # responses per forward/backward (rlhf.ppo.micro_batch_size)
+    generate_batch: int  # prompts decoded together (rlhf.ppo.generate_batch_size)
+    checkpointing: bool = False
+    frozen_offload: bool = False
+
+    @property
+    def frozen_sharded(self) -> bool:
+        return self.zero_stage == 3 or self.frozen_offload
+
+    def describe(self) -> str:
+        frozen = "ref/RM in CPU" if self.frozen_offload else ("ref/RM ZeRO-3" if self.frozen_sharded else "ref/RM whole")
+        ck = " ckpt" if self.checkpointing else ""
+        return f"ZeRO-{self.zero_stage}{ck} {frozen}, update mb {self.micro_batch}, generate mb {self.generate_batch}"
+
+
+@dataclass
+class RLHFMemory:
+    """Bytes per GPU at PPO's peak."""
+
+    actor: float  # model states (parameters, gradients, optimizer state) of the actor engine
+    critic: float
+    reference: float  # frozen weights resident on the GPU
+    reward: float
+    rollout: float  # the rollout phase's extra: gathered actor (ZeRO-3), KV cache, step logits
+    update: float  # the update phase's extra: activations, logits, DeepSpeed buffers
+    buffer: float  # the rollout buffer (experience) of this rank
+    runtime: float
+    fragmentation: float
+
+    @property
+    def total(self) -> float:
+        return (self.actor + self.critic + self.reference + self.reward + max(self.rollout, self.update) + self.buffer
+                + self.runtime + self.fragmentation)
+
+    def gib(self) -> dict:
+        d = {f.name: getattr(self, f.name) / GiB for f in dataclasses.fields(self)}
+        d["total"] = self.total / GiB
+        return {k: round(v, 3) for k, v in d.items()}
+
+
+@dataclass
+class RLHFCandidate:
+    layout: RLHFLayout
+    memory: RLHFMemory
+    fits: bool
+    reason: str = ""
+
+    def to_json(self, capacity_gib: float) -> dict:
+        lay = self.layout
+        return {"layout": lay.describe(), "zero_stage": lay.zero_stage, "micro_batch_size": lay.micro_batch,
+                "generate_batch_size": lay.generate_batch, "activation_checkpointing": lay.checkpointing,
+                "frozen_sharded": lay.frozen_sharded, "frozen_offload": lay.frozen_offload, "dp": lay.dp,
+                "fits": self.fits, "reason": self.reason or None,
+                "memory_gib": {**self.memory.gib(), "capacity": capacity_gib}}
+
+
+def ppo_workload(recipe: Recipe) -> Workload:
+    """PPO's training workload: sequences of prompt + response, one micro-batch at a time."""
+    cfg = recipe.rlhf.ppo
+    seq = cfg.max_prompt_len + cfg.max_new_tokens
+    return Workload(ModelShape.from_config(recipe.model, recipe_vocab(recipe)), seq, seq, cfg.precision)
+
+
+def rlhf_memory(recipe: Recipe, layout: RLHFLayout, runtime_reserve: float = RUNTIME_RESERVE) -> RLHFMemory:
+    cfg = recipe.rlhf.ppo
+    work = ppo_workload(recipe)
+    shape, p, n = work.model, work.bytes_per_param, layout.dp
+    phi = float(shape.params)
+    train = memory(work, Layout(n, layout.zero_stage, layout.micro_batch, 1, layout.checkpointing))
+    states = train.model_states
+    # The critic's LM head is frozen (no gradient, no optimizer state); its "logits" are one value per token.
+    head = shape.vocab * shape.hidden
+    sp, sg, so = zero_shards(layout.zero_stage, n)
+    critic = states - head * (train.grads / phi + train.optimizer / phi)
+    frozen_each = 0.0 if layout.frozen_offload else p * phi / (n if layout.frozen_sharded else 1)
+    if layout.frozen_sharded:  # ZeRO-3 inference gathers a layer (and what prefetch adds) per forward
+        frozen_each += p * (max(shape.layer_tensors()) + min(PREFETCH_BUCKET, shape.params))
+    per_rank = max(1, cfg.prompts_per_iteration // n)
+    gen_batch = min(layout.generate_batch, per_rank)
+    kv = 2.0 * shape.layers * shape.kv_heads * shape.head_dim * work.seq_len * gen_batch * p
+    gathered = p * phi * (1 - 1 / n) if layout.zero_stage == 3 else 0.0
+    step_logits = gen_batch * shape.vocab * 4.0 * 2  # the last position's logits, fp32, and the sampling copy
+    prefill_logits = gen_batch * cfg.max_prompt_len * shape.vocab * p
+    rollout = gathered + kv + max(step_logits, prefill_logits)
+    # Update: the actor's activations + logits at response positions (low precision, fp32 upcast, gradient)
+    # and DeepSpeed's buffers; the critic's pass is smaller and comes after the actor's memory is freed.
+    logits = layout.micro_batch * cfg.max_new_tokens * shape.vocab * (p + 8.0)
+    update = train.activations + logits + train.buffers
+    R, T = cfg.max_new_tokens, work.seq_len
+    buffer = per_rank * (8.0 * T + R * (3 * 8.0 + 6 * 4.0))  # ids; index, actions (int64); mask + 5 fp32 tensors
+    frag = FRAGMENTATION * (max(rollout, update) + buffer)
+    return RLHFMemory(states, critic, frozen_each, frozen_each, rollout, update, buffer, runtime_reserve, frag)
+
+
+def _rlhf_layouts(recipe: Recipe, cl: Cluster, zero_stages: Iterable[int] | None = None) -> Iterable[RLHFLayout]:
+    cfg = recipe.rlhf.ppo
+    per_rank = cfg.prompts_per_iteration // cl.gpus
+    stages = [s for s in (zero_stages or (0, 1, 2, 3)) if not (cfg.precision == "bf16" and s == 0)]
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= max(per_rank, 1)]
+    for stage in stages:
+        for offload in (False, True):
+            for ck in (False, True):
+                for mb in sizes:
+                    for gb in sizes:
+                        yield RLHFLayout(cl.gpus, stage, mb, gb, ck, offload)
+
+
+def plan_rlhf(recipe: Recipe, cl: Cluster, zero_stages: Iterable[int] | None = None) -> list[RLHFCandidate]:
+    """Every PPO layout with its memory, the chosen order (see the section comment) first, then the rest."""
+    cfg = recipe.rlhf.ppo
+    if cfg.prompts_per_iteration % cl.gpus:
+        raise InputError(f"rlhf.ppo.prompts_per_iteration {cfg.prompts_per_iteration} does not split over "
+                         f"{cl.gpus} GPUs; use a multiple of {cl.gpus}")
+    capacity = cl.memory_gib * GiB
+    out = []
+    for lay in _rlhf_layouts(recipe, cl, zero_stages):
+        mem = rlhf_memory(recipe, lay)
+        fits = mem.total <= capacity
+        reason = "" if fits else (f"out of memory: needs {mem.total / GiB:.1f} GiB > {cl.memory_gib:g} GiB "
+                                  f"(over by {(mem.total - capacity) / GiB:.1f} GiB)")
+        out.append(RLHFCandidate(lay, mem, fits, reason))
+    out.sort(key=lambda c: (not c.fits, c.layout.frozen_offload, -c.layout.generate_batch, c.layout.zero_stage,
+                            -c.layout.micro_batch, c.layout.checkpointing, c.memory.total))
+    return out
+
+
+def best_rlhf_layout(recipe: Recipe, cl: Cluster, zero_stages: Iterable[int] | None = None) -> RLHFCandidate:
+    """The chosen PPO layout that fits (for `lm2 rlhf ppo --plan`); InputError (one line) when none does."""
+    cands = plan_rlhf(recipe, cl, zero_stages)
+    if not cands[0].fits:
+        c = min(cands, key=lambda c: c.memory.total)
+        raise InputError(f"no PPO layout fits on {cl.gpus} × {cl.memory_gib:g} GiB ({cl.name}): the smallest, "
+                         f"{c.layout.describe()}, needs {c.memory.total / GiB:.1f} GiB per GPU; add GPUs, "
+                         "shorten max_prompt_len/max_new_tokens or offload the frozen models")
+    return cands[0]
+
+
+def apply_rlhf_layout(recipe: Recipe, layout: RLHFLayout) -> Recipe:
+    """The recipe with `layout` in its rlhf.ppo section."""
+    ppo = dataclasses.replace(recipe.rlhf.ppo, zero_stage=layout.zero_stage, micro_batch_size=layout.micro_batch,
+                              generate_batch_size=layout.generate_batch, frozen_offload=layout.frozen_offload,
+                              activation_checkpointing=layout.checkpointing)
+    return dataclasses.replace(recipe, rlhf=dataclasses.replace(recipe.rlhf, ppo=ppo))
+
+
+def reward_workload(recipe: Recipe, mfu: float = 0.5) -> Workload:
+    """The reward model's training: a batch is `tokens_per_batch` padded tokens (chosen + rejected rows of
+    up to `seq_len`), `grad_accum` of them per rank and step, sized for the recipe's 8 GPUs."""
+    cfg = recipe.rlhf.reward
+    t = cfg.train
+    tokens = max(t.seq_len, cfg.tokens_per_batch // t.seq_len * t.seq_len) * t.grad_accum * RECIPE_GPUS
+    return Workload(ModelShape.from_config(recipe.model, recipe_vocab(recipe)), t.seq_len, tokens, t.precision, mfu)
+
+
+def print_rlhf_plan(recipe: Recipe, cl: Cluster, cands: list[RLHFCandidate], top: int = 5) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if os.isatty(1) else 150)
+    cfg, m = recipe.rlhf.ppo, ppo_workload(recipe).model
+    console.print(f"[bold]PPO[/bold]: 4 × {m.params / 1e9:.3f}B params (actor, critic, reference, reward), "
+                  f"{cfg.prompts_per_iteration} prompts/iteration × ({cfg.max_prompt_len} + {cfg.max_new_tokens}) "
+                  f"tokens, {cfg.precision}; {cl.gpus} × {cl.name}, {cl.memory_gib:g} GiB", soft_wrap=True)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("#", "layout", "actor", "critic", "ref", "RM", "rollout", "update", "buffer", "total GiB"):
+        table.add_column(col, justify="left" if col == "layout" else "right", no_wrap=True)
+    for i, c in enumerate([c for c in cands if c.fits][:top], 1):
+        g = c.memory.gib()
+        table.add_row(str(i), c.layout.describe(), *(f"{g[k]:.3g}" for k in ("actor", "critic", "reference", "reward",
+                                                                              "rollout", "update", "buffer", "total")))
+    console.print(table)
+    console.print("GiB per GPU; total = model states + frozen weights + the larger of the rollout and update "
+                  "phases + buffer + runtime reserve + fragmentation", style="dim", soft_wrap=True)
+    misses = [c for c in cands if not c.fits]
+    if misses:
+        seen, lines = set(), [f"{len(cands) - len(misses)} of {len(cands)} layouts fit; nearest misses:"]
+        for c in sorted(misses, key=lambda c: c.memory.total):
+            key = (c.layout.zero_stage, c.layout.frozen_offload)
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"  {c.layout.describe()}: {c.reason}")
+        for line in lines:
+            console.print(line, markup=False, soft_wrap=True)

@@ -20,13 +20,14 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 from .config import Recipe, examples_dir
 from .console import log, print_json, warn
 from .errors import InputError
 from .layout import MANIFEST, Workspace, atomic_write_text
-from .stages import ModelInput, input_tokenizer, latest_pretrained
+from .stages import input_tokenizer, latest_pretrained
+from .train.finetune import RowBatches, build_model
 
 KIND = "sft"
 REJECTED = "rejected.jsonl"
@@ -54,50 +55,6 @@ def load_conversations(tok, path: Path, max_len: int):
         return build_examples(tok, f, max_len)
 
 
-class RowBatches:
-    """Micro-batches of packed rows: rank r of W takes rows [k + r·B, k + (r+1)·B) of the global order,
-    where k counts rows consumed by all ranks; each epoch is a fresh seeded permutation."""
-
-    def __init__(self, rows: Mapping[str, list], micro_batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
-        import torch
-
-        self.data = {k: torch.tensor(v, dtype=torch.long) for k, v in rows.items()}
-        self.n = len(rows["input_ids"])
-        if self.n == 0:
-            raise InputError("no packed rows to train on")
-        self.batch, self.rank, self.world, self.seed = micro_batch_size, rank, world, seed
-        self.consumed = 0
-        self._epoch, self._order = -1, None
-
-    def _row(self, j: int) -> int:
-        import torch
-
-        epoch, i = divmod(j, self.n)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.n, generator=g)
-        return int(self._order[i])
-
-    def __iter__(self) -> "RowBatches":
-        return self
-
-    def __next__(self) -> dict:
-        first = self.consumed + self.rank * self.batch
-        idx = [self._row(j) for j in range(first, first + self.batch)]
-        self.consumed += self.batch * self.world
-        return {k: v[idx] for k, v in self.data.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rows_consumed": self.consumed, "rows": self.n, "seed": self.seed}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("rows") != self.n or state.get("seed") != self.seed:
-            raise InputError(f"the checkpoint was trained on {state.get('rows')} packed rows (seed {state.get('seed')}), "
-                             f"this data packs into {self.n} (seed {self.seed}); resume with the same data and "
-                             "recipe, or pass --resume never")
-        self.consumed = int(state["rows_consumed"])
-
-
 def eval_batches(tok, path: Optional[Path], max_len: int, micro_batch_size: int, n_batches: int, seed: int):
     """Zero-arg callable yielding the same packed validation batches each time, or None."""
     from .chat import pack
@@ -111,33 +68,6 @@ def eval_batches(tok, path: Optional[Path], max_len: int, micro_batch_size: int,
     count = min(n_batches, math.ceil(rows.n / micro_batch_size))
     fixed = [next(rows) for _ in range(count)]
     return lambda: iter(fixed)
-
-
-def build_model(source: Path, max_len: int, tok):
-    """The source weights with a context of at least `max_len` (RoPE settings unchanged)."""
-    import torch
-
-    from .convert import load_model
-    from .model import InternLM2
-
-    src = load_model(source)
-    if tok.vocab_size > src.config.vocab_size:
-        raise InputError(f"{source}: the tokenizer has {tok.vocab_size} ids, the model only {src.config.vocab_size}")
-    # SPEC P1: an HF-initialised `padding_idx = eos` leaves the EOS embedding at zero, and SFT must teach it.
-    if not bool(src.model.tok_embeddings.weight[tok.eos_id].any()):
-        warn(f"{source}: the </s> embedding row is all zeros (padding_idx = eos at init?); it trains from zero")
-    cfg = dataclasses.replace(src.config, max_position_embeddings=max(max_len, src.config.max_position_embeddings),
-                              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    with torch.device("meta"):
-        model = InternLM2(cfg)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(src.state_dict())
-    return model
-
-
-def load_tokenizer(ws: Workspace, source: ModelInput | Path):
-    """Kept for align/run.py until it imports `stages.input_tokenizer` itself."""
-    return input_tokenizer(ws, source)
 
 
 def run_sft(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,

@@ -103,8 +103,15 @@ def _jsonl(rows: list[dict]) -> str:
 
 def run_online(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
                prompts: Optional[Path] = None, from_: Optional[Path] = None, ptx: Optional[str] = None,
-               json_out: bool = False) -> Path:
-    """`rounds` × (reward model → PPO → fast-path patch) into runs/<run>/rlhf-ppo/; returns that folder."""
+               json_out: bool = False, nproc: int = 1) -> Path:
+    """`rounds` × (reward model → PPO → fast-path patch) into runs/<run>/rlhf-ppo/; returns that folder.
+    The fast path runs in this process; with `nproc` > 1 each round's reward and PPO stages run as that
+    many ranks (run from a launcher, this process is one of the ranks: use `--nproc` instead)."""
+    from ..errors import InputError
+    from ..train.engine import launched
+
+    if launched():
+        raise InputError("lm2 rlhf online starts each round's ranks itself: run it as one process with --nproc N")
     cfg, ppo_cfg = recipe.rlhf.online, recipe.rlhf.ppo
     policy = policy_checkpoint(ws, run, from_)
     pairs_path = data_file(data, "pairs.jsonl", "preference data")
@@ -129,8 +136,10 @@ def run_online(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
         log(f"== rlhf online: round {n}/{cfg.rounds} ({len(patches)} patch pairs so far)")
         rdir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(rdir / "pairs.jsonl", base + _jsonl(patches))
-        reward_dir = run_reward(ws, recipe, run, data=rdir / "pairs.jsonl", from_=policy, stage_dir=rdir / "reward")
-        run_ppo(ws, recipe, run, data=prompts_path, from_=policy, reward=reward_dir / "final", ptx=ptx, stage_dir=rdir)
+        reward_dir = run_reward(ws, recipe, run, data=rdir / "pairs.jsonl", from_=policy, stage_dir=rdir / "reward",
+                                nproc=nproc)
+        run_ppo(ws, recipe, run, data=prompts_path, from_=policy, reward=reward_dir / "final", ptx=ptx, stage_dir=rdir,
+                nproc=nproc)
         rollouts = [json.loads(x) for x in (rdir / ROLLOUTS).read_text().splitlines() if x.strip()]
         early, late = early_late(rollouts, ppo_cfg.iterations, ppo_cfg.critic_warmup, cfg.window)
         found = detect(early, late, cfg)

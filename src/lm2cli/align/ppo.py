@@ -1,14 +1,29 @@
-"""PPO against a frozen conditional reward model (SPEC §8.3): rollouts, experience, updates.
+"""PPO against a frozen conditional reward model (SPEC §8.3): rollouts, experience, updates, on any
+number of ranks.
+
+The four models: the actor and the critic are training engines (`train.engine.Engine`: DeepSpeed, ZeRO
+0–3, fp32 or bf16 with fp32 master weights and gradient accumulation); the reference and the reward model
+are frozen (`frozen.frozen`: whole per rank, or ZeRO-3-sharded when the actor is, optionally with their
+parameters in CPU memory). The critic is the reward model's backbone with a *new* value head, initialised
+to zero as the RM's own head was (InternLM2/SPEC: "critic ← RM without its head"): the RM's head was
+trained to read a finished response at the reward token, not to predict the return from a partial one,
+so V starts at 0 everywhere and the critic-only warm-up teaches the head first.
 
 One iteration:
-1. take `prompts_per_iteration` prompts (a seeded shuffle, cycled) and sample responses from the actor
-   with the shared `generate` (top-p, temperature; the stop token is kept as the last action);
-2. score each response with the frozen RM behind its prompt's condition system prompt, and compute the
-   actor's, the reference's and the critic's per-token values on the same sequences;
-3. shape the reward per token (−β·KL, plus the clipped score on the last token), run GAE (γ, λ), and
+1. take `prompts_per_iteration` prompts (a seeded shuffle, cycled; the same on every rank), order them by
+   length, and give each rank its contiguous share;
+2. sample responses through the rollout backend (`rollout.py`) in micro-batches of `generate_batch_size`,
+   each seeded by its position in the iteration, so the responses do not depend on the number of ranks;
+   under ZeRO-3 the actor is gathered once for the whole rollout phase;
+3. score each response with the frozen RM behind its prompt's condition system prompt, and compute the
+   actor's, the reference's and the critic's per-token values, `micro_batch_size` responses per forward;
+4. shape the reward per token (−β·KL, plus the clipped score on the last token), run GAE (γ, λ), and
    optionally whiten the advantages (off by default, as in the report);
-4. update the critic (value MSE) and, after the critic-only warm-up, the actor (clipped surrogate +
-   `ptx_coef` × cross-entropy on pretraining/SFT text), `ppo_epochs` passes over `minibatches` splits.
+5. update the critic (value MSE) and, after the critic-only warm-up, the actor (clipped surrogate +
+   `ptx_coef` × cross-entropy on pretraining/SFT text), `ppo_epochs` passes over `minibatches` splits of
+   each rank's experience. A minibatch is accumulated over micro-batches; every loss is a sum over
+   response tokens divided by the minibatch's token count *over all ranks*, so the gradient is the
+   minibatch's token mean whatever the micro-batch size and the number of ranks.
 
 All per-response tensors are [B, R] and right-padded: entry r is response token r, `index[b, r]` is the
 sequence position whose output predicts it (the state before the action) and `mask` marks real tokens.
@@ -28,9 +43,9 @@ from typing import Iterator, Optional
 import torch
 
 from ..config import PPOConfig, TrainConfig
-from ..generate import generate
 from ..model import InternLM2
 from . import losses as L
+from .frozen import all_sum, gather_objects, module_of, share
 from .gold import gold_reward
 from .records import Prompt, rm_sequence
 from .reward_model import RewardModel, score_sequences
@@ -54,8 +69,11 @@ class Rollout:
     actions: torch.Tensor  # [B, R] response token ids
     mask: torch.Tensor  # [B, R] 1 on real response tokens
 
-    def rows(self, idx: torch.Tensor) -> "Rollout":
-        return Rollout(self.input_ids[idx], self.index[idx], self.actions[idx], self.mask[idx])
+    def rows(self, idx) -> "Rollout":
+        """The rows `idx` (a tensor of indices or a slice), cut to the columns they need."""
+        index = self.index[idx]
+        width = int(index.max()) + 1 if index.numel() else 1
+        return Rollout(self.input_ids[idx][:, :width], index, self.actions[idx], self.mask[idx])
 
     def to(self, device) -> "Rollout":
         return Rollout(self.input_ids.to(device), self.index.to(device), self.actions.to(device), self.mask.to(device))
@@ -81,16 +99,21 @@ def build_rollout(prompt_ids: list[list[int]], responses: list[list[int]], pad_i
     return Rollout(input_ids, index, actions, mask)
 
 
-def response_logprobs(model: InternLM2, ro: Rollout) -> torch.Tensor:
-    """[B, R] log π(a_r | s_r); the LM head runs only on response positions."""
+def response_logprobs(model, ro: Rollout) -> torch.Tensor:
+    """[B, R] log π(a_r | s_r); the LM head runs only on response positions. `model` is the module, a
+    training engine's `model` or a frozen engine."""
     hidden = model(ro.input_ids, return_hidden=True)
     h = hidden.gather(1, ro.index[..., None].expand(-1, -1, hidden.shape[-1]))
-    return L.token_logprobs(model.output(h), ro.actions)
+    return L.token_logprobs(module_of(model).output(h), ro.actions)
 
 
-def response_values(critic: RewardModel, ro: Rollout) -> torch.Tensor:
+def response_values(critic, ro: Rollout) -> torch.Tensor:
     """[B, R] V(s_r): the critic's head at the position before each action."""
-    return critic.values(ro.input_ids).gather(1, ro.index)
+    return critic(ro.input_ids).gather(1, ro.index)
+
+
+def micro_slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(1, size))]
 
 
 @dataclass
@@ -104,16 +127,19 @@ class Experience:
     scores: torch.Tensor  # [B] RM scores (before clipping)
     kl: torch.Tensor  # [B, R] log π − log π_ref on response tokens
 
-    def rows(self, idx: torch.Tensor) -> "Experience":
+    def rows(self, idx) -> "Experience":
         return Experience(self.rollout.rows(idx), self.old_logp[idx], self.ref_logp[idx], self.old_values[idx],
                           self.advantages[idx], self.returns[idx], self.scores[idx], self.kl[idx])
 
 
 @torch.no_grad()
 def make_experience(actor, ref, critic, ro: Rollout, scores: torch.Tensor, cfg: PPOConfig) -> Experience:
-    old_logp = response_logprobs(actor, ro)
-    ref_logp = response_logprobs(ref, ro)
-    old_values = response_values(critic, ro)
+    """Log-probs, reference log-probs and values for every response (`micro_batch_size` per forward),
+    then the shaped rewards, GAE advantages and returns."""
+    parts = micro_slices(ro.input_ids.shape[0], cfg.micro_batch_size)
+    old_logp = torch.cat([response_logprobs(actor, ro.rows(sl)) for sl in parts])
+    ref_logp = torch.cat([response_logprobs(ref, ro.rows(sl)) for sl in parts])
+    old_values = torch.cat([response_values(critic, ro.rows(sl)) for sl in parts])
     scores = scores.to(old_logp.device)
     rewards, kl = L.shaped_rewards(old_logp, ref_logp, scores, ro.mask, cfg.kl_coef, cfg.reward_clip)
     adv, ret = L.gae(rewards, old_values, ro.mask, cfg.gamma, cfg.gae_lambda)
@@ -127,17 +153,23 @@ def make_experience(actor, ref, critic, ro: Rollout, scores: torch.Tensor, cfg: 
 
 
 def engine_config(cfg: PPOConfig, lr: float, total_steps: int) -> TrainConfig:
-    """The shared engine's settings for a PPO model: AdamW at a constant `lr` (no warmup, no decay),
-    one micro-batch per optimiser step, clipping at `grad_clip`."""
-    return TrainConfig(seq_len=cfg.max_prompt_len + cfg.max_new_tokens, micro_batch_size=1, grad_accum=1,
-                       max_steps=max(1, total_steps), lr=lr, min_lr_ratio=1.0, warmup_ratio=0.0,
-                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed)
+    """The shared engine's settings for a PPO model: AdamW at a constant `lr` (no warmup, no decay), the
+    recipe's precision and sharding (bf16: fp32 master weights and fp32 gradient accumulation, ZeRO >= 1;
+    `train.engine.deepspeed_config`), `micro_batch_size` responses per forward; a minibatch's micro-batches
+    are accumulated by `ppo_update` itself (it marks the accumulation boundary), so grad_accum is 1."""
+    return TrainConfig(seq_len=cfg.max_prompt_len + cfg.max_new_tokens, micro_batch_size=cfg.micro_batch_size,
+                       grad_accum=1, max_steps=max(1, total_steps), lr=lr, min_lr_ratio=1.0, warmup_ratio=0.0,
+                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed,
+                       precision=cfg.precision, sharding=cfg.sharding, zero_stage=cfg.zero_stage,
+                       activation_checkpointing=cfg.activation_checkpointing)
 
 
-def step(engine, loss: torch.Tensor) -> float:
+def backward_step(engine, loss: torch.Tensor, last: bool) -> Optional[float]:
+    """One micro-batch of a minibatch; the optimizer steps after the `last` (returns its grad norm)."""
+    engine.ds.set_gradient_accumulation_boundary(last)
     engine.backward(loss)
     norm = engine.step()
-    return float("nan") if norm is None else float(norm)
+    return None if norm is None else float(norm)
 
 
 def minibatch_indices(n: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -151,41 +183,64 @@ def ppo_update(
     exp: Experience,
     cfg: PPOConfig,
     gen: torch.Generator,
+    dist,
     train_actor: bool = True,
     ptx: Optional[Iterator[dict]] = None,
 ) -> dict:
-    """Critic (always) and actor (when `train_actor`) updates through the shared engines (`train.engine`);
-    returns mean stats and the first minibatch's ratio (1 up to float error: the policy has not moved)."""
-    actor, critic = actor_engine.model, critic_engine.model
+    """Critic (always) and actor (when `train_actor`) updates on this rank's experience, every rank in step
+    (see the module docstring); returns the mean stats over minibatches and the first minibatch's ratio (1
+    up to float error: the policy has not moved yet)."""
     device = exp.old_logp.device
-    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
     count = 0
     first_ratio = None
     for _ in range(cfg.ppo_epochs):
         for idx in minibatch_indices(exp.old_logp.shape[0], cfg.minibatches, gen):
             mb = exp.rows(idx.to(device))
-            ro = mb.rollout
-            values = response_values(critic, ro)
-            v_loss = L.value_loss(values, mb.old_values, mb.returns, ro.mask, cfg.value_clip)
-            row = {"value_loss": v_loss.item(), "critic_grad_norm": step(critic_engine, v_loss)}
+            tokens = all_sum([float(mb.rollout.mask.sum())], dist)[0]
+            parts = micro_slices(len(idx), cfg.micro_batch_size)
+            # DeepSpeed averages gradients over ranks; each rank's share of the token sum is scaled back up.
+            scale = float(dist.world)
+            row = {"value_loss": 0.0}
+            for i, sl in enumerate(parts):
+                m = mb.rows(sl)
+                values = response_values(critic_engine.model, m.rollout)
+                v_loss = L.value_loss(values, m.old_values, m.returns, m.rollout.mask, cfg.value_clip, tokens=tokens)
+                norm = backward_step(critic_engine, v_loss * scale, last=i == len(parts) - 1)
+                row["value_loss"] += v_loss.item()
+            critic_norm = norm
+            actor_norm = None
             if train_actor:
-                logp = response_logprobs(actor, ro)
-                p_loss, st = L.policy_loss(logp, mb.old_logp, mb.advantages, ro.mask, cfg.clip_eps)
-                loss = p_loss
-                if ptx is not None and cfg.ptx_coef > 0:
+                row.update(policy_loss=0.0, ratio=0.0, clip_frac=0.0)
+                use_ptx = ptx is not None and cfg.ptx_coef > 0
+                for i, sl in enumerate(parts):
+                    m = mb.rows(sl)
+                    logp = response_logprobs(actor_engine.model, m.rollout)
+                    p_loss, st = L.policy_loss(logp, m.old_logp, m.advantages, m.rollout.mask, cfg.clip_eps,
+                                               tokens=tokens)
+                    actor_norm = backward_step(actor_engine, p_loss * scale,
+                                               last=i == len(parts) - 1 and not use_ptx)
+                    row["policy_loss"] += p_loss.item()
+                    row["ratio"] += st["ratio"]
+                    row["clip_frac"] += st["clip_frac"]
+                if use_ptx:  # one batch of text per rank and minibatch; ranks average like data parallel
                     batch = next(ptx)
-                    logits = actor(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
+                    logits = actor_engine.model(batch["input_ids"].to(device),
+                                                position_ids=batch["position_ids"].to(device))
                     lm_loss = L.ptx_loss(logits, batch["labels"].to(device))
-                    loss = loss + cfg.ptx_coef * lm_loss
-                    row["ptx_loss"] = lm_loss.item()
-                row.update(policy_loss=p_loss.item(), ratio=st["ratio"], clip_frac=st["clip_frac"],
-                           actor_grad_norm=step(actor_engine, loss))
+                    actor_norm = backward_step(actor_engine, cfg.ptx_coef * lm_loss, last=True)
+                    row["ptx_loss"] = lm_loss.item() / dist.world
+            keys = sorted(row)
+            row = dict(zip(keys, all_sum([row[k] for k in keys], dist)))
+            row["critic_grad_norm"] = float("nan") if critic_norm is None else critic_norm
+            if train_actor:
+                row["actor_grad_norm"] = float("nan") if actor_norm is None else actor_norm
                 if first_ratio is None:
-                    first_ratio = st["ratio"]
+                    first_ratio = row["ratio"]
             for k, v in row.items():
-                sums[k] = sums.get(k, 0.0) + v
+                totals[k] = totals.get(k, 0.0) + v
             count += 1
-    out = {k: v / count for k, v in sums.items()}
+    out = {k: v / count for k, v in totals.items()}
     if first_ratio is not None:
         out["first_ratio"] = first_ratio
     return out
@@ -242,18 +297,20 @@ def strip_stop(ids: list[int], stop_ids) -> list[int]:
     return ids[:-1] if ids and ids[-1] in stop_ids else list(ids)
 
 
-def rollout_step(actor, ref, critic, rm, tok, batch: list[EncodedPrompt], cfg: PPOConfig, seed: int,
-                 device) -> tuple[Experience, list[dict]]:
-    """Sample, score and evaluate one batch of prompts; returns the experience and one record per response."""
-    actor.eval()
-    responses = generate(actor, [p.ids for p in batch], cfg.max_new_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tok.stop_ids, seed=seed,
-                         batch_size=cfg.generate_batch_size, pad_id=tok.pad_id, include_stop=True)
-    actor.train()
+def rollout_step(actor_engine, ref, critic, rm, tok, batch: list[EncodedPrompt], cfg: PPOConfig, seed: int,
+                 backend, first: int = 0) -> tuple[Experience, list[dict]]:
+    """Sample, score and evaluate this rank's prompts (`first` = the index of its first prompt in the
+    iteration); returns the experience and one record per response."""
+    device = next(actor_engine.module.parameters()).device
+    ids = [p.ids for p in batch]
+    responses: list[list[int]] = []
+    with backend.phase(actor_engine):  # under ZeRO-3: the actor gathered once for every micro-batch below
+        for sl in micro_slices(len(ids), cfg.generate_batch_size):
+            responses += backend.generate(ids[sl], seed=seed + first + sl.start)
     rm_seqs = [rm_sequence(tok, p.rm_prefix, r) for p, r in zip(batch, responses)]
-    scores = score_sequences(rm, rm_seqs, tok.pad_id, batch_size=cfg.generate_batch_size)
-    ro = build_rollout([p.ids for p in batch], responses, tok.pad_id).to(device)
-    exp = make_experience(actor, ref, critic, ro, scores, cfg)
+    scores = score_sequences(rm, rm_seqs, tok.pad_id, batch_size=cfg.micro_batch_size)
+    ro = build_rollout(ids, responses, tok.pad_id).to(device)
+    exp = make_experience(actor_engine.model, ref, critic, ro, scores, cfg)
     kl_seq = exp.kl.sum(-1).tolist()
     samples = []
     for p, r, s, k in zip(batch, responses, scores.tolist(), kl_seq):
@@ -308,19 +365,18 @@ def state_hash(model: torch.nn.Module) -> str:
 
 
 class PPOTrainer:
-    """The four models and the loop state; `iteration()` runs one PPO iteration.
+    """The four models and the loop state; `iteration()` runs one PPO iteration on every rank together.
 
-    `actor_engine` and `critic_engine` are `train.engine.Engine`s (DeepSpeed, AdamW); the reference and
-    the reward model are frozen plain modules. `ptx` yields packed text batches (or is None)."""
+    `actor_engine` and `critic_engine` are `train.engine.Engine`s; `ref` and `rm` are frozen models
+    (`frozen.frozen`); `ptx` yields this rank's packed text batches (or is None); `backend` generates
+    (`rollout.RolloutBackend`)."""
 
-    def __init__(self, actor_engine, ref: InternLM2, critic_engine, rm: RewardModel, tok,
-                 prompts: list[EncodedPrompt], cfg: PPOConfig, ptx: Optional[Iterator[dict]] = None):
+    def __init__(self, actor_engine, ref, critic_engine, rm, tok, prompts: list[EncodedPrompt], cfg: PPOConfig,
+                 ptx: Optional[Iterator[dict]], dist, backend):
         self.actor_engine, self.critic_engine = actor_engine, critic_engine
         self.ref, self.rm, self.tok, self.prompts, self.cfg, self.ptx = ref, rm, tok, prompts, cfg, ptx
-        self.device = next(actor_engine.module.parameters()).device
-        for frozen in (ref, rm):
-            frozen.eval()
-            frozen.requires_grad_(False)
+        self.dist, self.backend = dist, backend
+        self.mine = share(cfg.prompts_per_iteration, dist, "rlhf.ppo.prompts_per_iteration")
         self.sampler = PromptSampler(len(prompts), cfg.prompts_per_iteration, cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.iteration_done = 0
@@ -336,12 +392,15 @@ class PPOTrainer:
     def iteration(self) -> tuple[dict, list[dict]]:
         t0 = time.perf_counter()
         it = self.iteration_done
-        batch = [self.prompts[i] for i in self.sampler.next()]
-        exp, samples = rollout_step(self.actor, self.ref, self.critic, self.rm, self.tok, batch, self.cfg,
-                                    seed=self.cfg.seed * 1_000_003 + it, device=self.device)
+        # Longest first: micro-batches of similar length pad less; the order is the same on every rank.
+        batch = sorted((self.prompts[i] for i in self.sampler.next()), key=lambda p: -len(p.ids))
+        exp, samples = rollout_step(self.actor_engine, self.ref, self.critic_engine.model, self.rm, self.tok,
+                                    batch[self.mine], self.cfg, seed=(self.cfg.seed * 1_000_003 + it) * 65_537,
+                                    backend=self.backend, first=self.mine.start)
         warmup = it < self.cfg.critic_warmup
-        update = ppo_update(self.actor_engine, self.critic_engine, exp, self.cfg, self.gen,
+        update = ppo_update(self.actor_engine, self.critic_engine, exp, self.cfg, self.gen, self.dist,
                             train_actor=not warmup, ptx=self.ptx)
+        samples = [s for part in gather_objects(samples, self.dist) for s in part]
         self.iteration_done += 1
         row = {"iteration": self.iteration_done, "phase": "critic-warmup" if warmup else "ppo"}
         row.update(iteration_metrics(samples, update))
@@ -351,7 +410,8 @@ class PPOTrainer:
         return row, samples
 
     def state_dict(self) -> dict:
-        """The loop's position (the engines save weights and optimisers themselves); plain JSON."""
+        """The loop's position (the engines save weights and optimisers themselves); plain JSON, the same
+        on every rank (the PTX stream counts what all ranks consumed)."""
         out = {"iteration": self.iteration_done, "sampler": self.sampler.state_dict(),
                "gen": self.gen.get_state().tolist()}
         if self.ptx is not None and hasattr(self.ptx, "state_dict"):

@@ -10,7 +10,7 @@ half of PPO's data. `rlhf.ppo.ptx_data` (or `--ptx`) chooses the source:
     "none"   no PTX term
 
 Every source is a resumable iterator of packed `{"input_ids", "labels", "position_ids"}` batches
-(`train.data.PackedStream` or `sft.RowBatches`), so PPO's checkpoint records its position.
+(`train.data.PackedStream` or `train.finetune.RowBatches`), so PPO's checkpoint records its position.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def _text_examples(tok, lines, max_len: int) -> list[Example]:
     return out
 
 
-def jsonl_batches(tok, path: Path, seq_len: int, batch_size: int, seed: int):
-    """Packed batches from a chat or text JSONL file; None when it holds nothing usable."""
-    from ..sft import RowBatches
+def jsonl_batches(tok, path: Path, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Packed batches (this rank's) from a chat or text JSONL file; None when it holds nothing usable."""
+    from ..train.finetune import RowBatches
 
     path = Path(path)
     if not path.is_file():
@@ -55,10 +55,10 @@ def jsonl_batches(tok, path: Path, seq_len: int, batch_size: int, seed: int):
         examples = _text_examples(tok, lines, seq_len)
     if not examples:
         return None
-    return RowBatches(pack(examples, seq_len, tok.pad_id, seed), batch_size, seed=seed)
+    return RowBatches(pack(examples, seq_len, tok.pad_id, seed), batch_size, rank, world, seed=seed)
 
 
-def token_batches(ws: Workspace, tok, seq_len: int, batch_size: int, seed: int):
+def token_batches(ws: Workspace, tok, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
     from ..tokens import TokenStore
     from ..train.data import PackedStream
 
@@ -67,7 +67,7 @@ def token_batches(ws: Workspace, tok, seq_len: int, batch_size: int, seed: int):
     splits = store.splits("train")
     if not splits:
         return None
-    return PackedStream(splits, seq_len, batch_size, seed=seed)
+    return PackedStream(splits, seq_len, batch_size, seed=seed, rank=rank, world=world)
 
 
 def sft_data_of(policy: Path) -> Optional[Path]:
@@ -83,20 +83,20 @@ def sft_data_of(policy: Path) -> Optional[Path]:
     return None
 
 
-def ptx_source(ws: Workspace, cfg, tok, policy: Path, override: Optional[str] = None):
-    """(batches or None, a description for logs and the manifest)."""
+def ptx_source(ws: Workspace, cfg, tok, policy: Path, override: Optional[str] = None, rank: int = 0, world: int = 1):
+    """(this rank's batches or None, a description for logs and the manifest)."""
     choice = override if override is not None else cfg.ptx_data
     if cfg.ptx_coef <= 0 or choice == "none":
         return None, "off"
     if choice:
-        return jsonl_batches(tok, Path(choice), cfg.ptx_seq_len, cfg.ptx_batch_size, cfg.seed), str(choice)
+        return jsonl_batches(tok, Path(choice), cfg.ptx_seq_len, cfg.ptx_batch_size, cfg.seed, rank, world), str(choice)
     if (ws.tokens / MANIFEST).exists():
-        batches = token_batches(ws, tok, cfg.ptx_seq_len, cfg.ptx_batch_size, cfg.seed)
+        batches = token_batches(ws, tok, cfg.ptx_seq_len, cfg.ptx_batch_size, cfg.seed, rank, world)
         if batches is not None:
             return batches, str(ws.tokens)
     sft_file = sft_data_of(policy)
     if sft_file is not None:
-        batches = jsonl_batches(tok, sft_file, cfg.ptx_seq_len, cfg.ptx_batch_size, cfg.seed)
+        batches = jsonl_batches(tok, sft_file, cfg.ptx_seq_len, cfg.ptx_batch_size, cfg.seed, rank, world)
         if batches is not None:
             return batches, str(sft_file)
     warn("rlhf ppo: no PTX text (no data/tokens, no SFT data recorded, no rlhf.ppo.ptx_data); "

@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from ..chat import Rejected
 from ..errors import InputError, WrongArtefact
-from ..model import InternLM2, load_model, save_model
+from ..convert import load_model, save_model
+from ..model import InternLM2
 from .losses import reward_loss
 from .records import Pair, encode_text, rm_prefix, rm_sequence
 

@@ -21,7 +21,7 @@ lm2 rlhf ppo
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import math
@@ -117,20 +117,30 @@ def _merge_stats(stage_dir: Path, extra: dict) -> dict:
 
 def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
                from_: Optional[Path] = None, resume: str = "auto", json_out: bool = False,
-               stage_dir: Optional[Path] = None) -> Path:
-    """Train the conditional reward model into runs/<run>/rlhf-reward/ (or `stage_dir`); returns the folder."""
-    from ..sft import build_model, load_tokenizer
-    from ..train.engine import init_distributed
+               stage_dir: Optional[Path] = None, nproc: int = 1) -> Path:
+    """Train the conditional reward model into runs/<run>/rlhf-reward/ (or `stage_dir`); returns the folder.
+
+    The shared `fit` on the shared engine: the recipe's `rlhf.reward.train` precision, sharding (ZeRO
+    stage), grad_accum; every rank trains its own batches of the pair stream. `nproc` > 1 re-executes as
+    that many local ranks; under a launcher (DeepSpeed's, with a hostfile) every rank runs this."""
+    from ..train.engine import init_distributed, launched
+    from ..stages import input_tokenizer
+    from ..train.finetune import build_model
     from ..train.loop import fit
-    from .reward_model import (PairStream, RewardModel, encode_pairs, evaluate, load_reward_model, make_loss_fn,
-                               pair_batches, reward_exporter, split_held_out)
+    from .frozen import barrier, frozen
+    from .reward_model import (PairStream, RewardModel, encode_pairs, evaluate_distributed, load_reward_model,
+                               make_loss_fn, pair_batches, reward_exporter, split_held_out)
 
     cfg = recipe.rlhf.reward
     source = policy_checkpoint(ws, run, from_, allow_reward=True)
     data_path = data_file(data, "pairs.jsonl", "preference data")
     stage_dir = Path(stage_dir) if stage_dir else ws.stage_dir(REWARD_KIND, run)
+    if nproc > 1 and not launched():
+        return relaunch_ranks(ws, recipe, run, nproc, ["rlhf", "reward", "--data", data_path, "--from", source,
+                                                       "--resume", resume, "--stage-dir", stage_dir], json_out,
+                              "rlhf reward", stage_dir)
     dist = init_distributed()
-    tok = load_tokenizer(ws, source)
+    tok = input_tokenizer(ws, source)
     conditions = dict(recipe.rlhf.conditions)
     pairs, rejected = load_records(data_path, parse_pair, conditions)
     encoded, too_long = encode_pairs(tok, pairs, conditions, cfg.train.seq_len, cfg.use_conditions)
@@ -141,12 +151,9 @@ def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
         raise InputError(f"{data_path} has no usable preference pair ({len(rejected)} rejected; see "
                          f"{stage_dir / REJECTED})")
     train_pairs, held = split_held_out(encoded, cfg.held_out_fraction, cfg.train.seed)
-    stream = PairStream(train_pairs, cfg.tokens_per_batch, tok.pad_id, cfg.train.seed)
-    train = cfg.train
-    steps = max(1, math.ceil(train.epochs * stream.batches_per_epoch() / train.grad_accum)) if train.epochs \
-        else train.max_steps
-    # A batch is a token budget, not a row count; this only makes the logged tokens/step roughly right.
-    train = dataclasses.replace(train, max_steps=steps, micro_batch_size=max(1, cfg.tokens_per_batch // train.seq_len))
+    stream = PairStream(train_pairs, cfg.tokens_per_batch, tok.pad_id, cfg.train.seed, dist.rank, dist.world)
+    train = reward_train_config(cfg, stream.batches_per_epoch(), dist.world)
+    steps = train.max_steps
     by_cond: dict[str, int] = {}
     for p in encoded:
         by_cond[p.condition] = by_cond.get(p.condition, 0) + 1
@@ -156,7 +163,8 @@ def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
                   "batches_per_epoch": stream.batches_per_epoch(), "rejected_file": REJECTED}
     if dist.is_main:
         log(f"rlhf reward: {len(encoded)} pairs ({', '.join(f'{k} {v}' for k, v in data_stats['by_condition'].items())}"
-            f"), {len(held)} held out, {steps} steps of <= {cfg.tokens_per_batch} tokens from {source}"
+            f"), {len(held)} held out, {steps} steps of {train.grad_accum} x {dist.world} batches of <= "
+            f"{cfg.tokens_per_batch} tokens from {source}"
             + ("" if cfg.use_conditions else "; condition prompts OFF (ablation)"))
 
     model = RewardModel(build_model(source, train.seq_len, tok))
@@ -169,23 +177,57 @@ def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
     held_batches = pair_batches(held, cfg.tokens_per_batch, tok.pad_id)
     result = fit(model, train, stream, stage_dir, kind=REWARD_KIND,
                  loss_fn=make_loss_fn(cfg.gamma, cfg.barrier_lambda, cfg.barrier_bound),
-                 eval_data=(lambda: iter(held_batches)) if held_batches else None, resume=resume, tokenizer=tok,
-                 inputs=[source, data_path], recipe=recipe, dist=dist, export=reward_exporter(info))
-    if not dist.is_main:
-        return stage_dir
-    module = model.to(dist.device)
-    ev = evaluate(module, held_batches) if held_batches else {}
-    train_ev = evaluate(module, pair_batches(train_pairs[:1024], cfg.tokens_per_batch, tok.pad_id))
-    report = {"held_out": ev, "train": train_ev}
-    atomic_write_text(stage_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-    _merge_stats(stage_dir, {"data": data_stats, "eval": ev, "train_accuracy": train_ev.get("accuracy")})
-    if ev:
-        per = ", ".join(f"{c} {s['accuracy']:.3f}" for c, s in ev["per_condition"].items())
-        log(f"rlhf reward: held-out accuracy {ev['accuracy']:.3f} ({per}); scores in "
-            f"[{ev['score_min']:.2f}, {ev['score_max']:.2f}]; reward model in {result.final}")
-    if json_out:
-        print_json({"stage_dir": stage_dir, "final": result.final, "steps": result.steps, "data": data_stats,
-                    "eval": ev, "train_accuracy": train_ev.get("accuracy")})
+                 eval_data=(lambda: iter(held_batches)) if held_batches else None,  # same count on every rank
+                 resume=resume, tokenizer=tok, inputs=[source, data_path], recipe=recipe, dist=dist,
+                 export=reward_exporter(info))
+    # Every rank scores its share of the pairs with the trained weights (final/), sharded as in training.
+    del model
+    scorer = frozen(load_reward_model(result.final)[0], dist, train.precision, zero3=train.resolved_zero_stage == 3)
+    ev = evaluate_distributed(scorer, held_batches, dist) if held_batches else {}
+    train_ev = evaluate_distributed(scorer, pair_batches(train_pairs[:1024], cfg.tokens_per_batch, tok.pad_id), dist)
+    del scorer
+    if dist.is_main:
+        report = {"held_out": ev, "train": train_ev}
+        atomic_write_text(stage_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+        _merge_stats(stage_dir, {"data": data_stats, "eval": ev, "train_accuracy": train_ev.get("accuracy")})
+        if ev:
+            per = ", ".join(f"{c} {s['accuracy']:.3f}" for c, s in ev["per_condition"].items())
+            log(f"rlhf reward: held-out accuracy {ev['accuracy']:.3f} ({per}); scores in "
+                f"[{ev['score_min']:.2f}, {ev['score_max']:.2f}]; reward model in {result.final}")
+        if json_out:
+            print_json({"stage_dir": stage_dir, "final": result.final, "steps": result.steps, "data": data_stats,
+                        "eval": ev, "train_accuracy": train_ev.get("accuracy")})
+    barrier(dist)
+    return stage_dir
+
+
+def reward_train_config(cfg, batches_per_epoch: int, world: int):
+    """`rlhf.reward.train` with its step count: `epochs` of the pair stream, `grad_accum` batches per rank and
+    step. A batch is a token budget, not a row count; micro_batch_size only makes the logged tokens/step
+    roughly right."""
+    train = cfg.train
+    steps = max(1, math.ceil(train.epochs * batches_per_epoch / (train.grad_accum * world))) if train.epochs \
+        else train.max_steps
+    return dataclasses.replace(train, max_steps=steps, micro_batch_size=max(1, cfg.tokens_per_batch // train.seq_len))
+
+
+def relaunch_ranks(ws: Workspace, recipe: Recipe, run: str, nproc: int, args: list, json_out: bool, what: str,
+                   stage_dir: Path) -> Path:
+    """`--nproc N` on one machine: the same command as N ranks under torch.distributed.run (train.engine)."""
+    from ..train.engine import relaunch
+    from ..train.loop import Stopped
+
+    recipe_file = ws.run_dir(run) / f".{what.replace(' ', '-')}.recipe.yaml"
+    recipe_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(recipe_file, to_yaml(recipe))
+    argv = [str(a) for a in args] + ["--workdir", str(ws.root), "--run", run, "--recipe", str(recipe_file)]
+    argv += ["--json"] if json_out else []
+    log(f"{what}: starting {nproc} local ranks (torch.distributed.run)")
+    rc = relaunch(nproc, argv)
+    if rc == Stopped.exit_code:
+        raise Stopped(f"{what} stopped by SIGTERM; rerun the same command to resume")
+    if rc != 0:
+        raise Lm2Error(f"{what}: the {nproc} ranks exited with status {rc}")
     return stage_dir
 
 
@@ -193,15 +235,18 @@ def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
 # lm2 rlhf ppo
 
 
-def _common_resume(actor_root: Path, critic_root: Path, resume: str) -> Optional[int]:
+def _common_resume(actor_root: Path, critic_root: Path, resume: str, dist) -> Optional[int]:
     """The newest iteration whose actor and critic checkpoints are both whole (auto), or None."""
     from ..train.checkpoint import list_steps, verify
+    from .frozen import barrier
 
     if resume == "never":
         import shutil
 
-        for root in (actor_root, critic_root):
-            shutil.rmtree(root, ignore_errors=True)
+        if dist.is_main:
+            for root in (actor_root, critic_root):
+                shutil.rmtree(root, ignore_errors=True)
+        barrier(dist)
         return None
     if resume != "auto":
         name = Path(resume).name
@@ -227,83 +272,106 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
             from_: Optional[Path] = None, reward: Optional[Path] = None, ptx: Optional[str] = None,
-            resume: str = "auto", json_out: bool = False, stage_dir: Optional[Path] = None) -> Path:
-    """PPO into runs/<run>/rlhf-ppo/ (or `stage_dir`); returns the folder."""
+            resume: str = "auto", json_out: bool = False, stage_dir: Optional[Path] = None, nproc: int = 1,
+            plan: bool = False) -> Path:
+    """PPO into runs/<run>/rlhf-ppo/ (or `stage_dir`); returns the folder. Every rank runs this (`nproc` > 1
+    re-executes as that many local ranks); `plan` takes the ZeRO stage and micro-batch sizes from
+    `lm2 plan`'s RLHF layout for this cluster."""
     from ..convert import load_model, save_model
-    from ..sft import build_model, load_tokenizer
     from ..tokenizer import Tokenizer
     from ..train.checkpoint import AsyncCheckpointer, restore, step_name
-    from ..train.engine import Engine, init_distributed
-    from .ppo import PPOTrainer, encode_prompts, engine_config, state_hash
+    from ..train.engine import Engine, init_distributed, launched
+    from ..stages import input_tokenizer
+    from ..train.finetune import build_model
+    from .frozen import barrier, frozen, frozen_hash, whole
+    from .ppo import PPOTrainer, encode_prompts, engine_config
     from .ptx import ptx_source
-    from .reward_model import load_reward_model, reward_exporter
+    from .reward_model import RewardModel, load_reward_model, reward_exporter
+    from .rollout import rollout_backend
 
     t_start = time.perf_counter()
-    cfg = recipe.rlhf.ppo
     policy = policy_checkpoint(ws, run, from_)
     reward_path = reward_checkpoint(ws, run, reward)
     data_path = data_file(data, "prompts.jsonl", "PPO prompts")
     stage_dir = Path(stage_dir) if stage_dir else ws.stage_dir(PPO_KIND, run)
+    if nproc > 1 and not launched():
+        args = ["rlhf", "ppo", "--data", data_path, "--from", policy, "--reward", reward_path, "--resume", resume,
+                "--stage-dir", stage_dir] + (["--ptx", ptx] if ptx is not None else []) + (["--plan"] if plan else [])
+        return relaunch_ranks(ws, recipe, run, nproc, args, json_out, "rlhf ppo", stage_dir)
     dist = init_distributed()
-    if dist.world > 1:
-        raise InputError("lm2 rlhf ppo runs as one rank (its four models share one process); drop --nproc")
-    tok = load_tokenizer(ws, policy)
+    if plan:
+        recipe = planned_ppo(recipe, dist.world)
+    cfg = recipe.rlhf.ppo
+    tok = input_tokenizer(ws, policy)
     if Tokenizer.load(reward_path).fingerprint != tok.fingerprint:
         raise InputError(f"the reward model {reward_path} uses another tokenizer than the policy {policy}")
-    rm, info = load_reward_model(reward_path, device=dist.device)
+    rm_module, info = load_reward_model(reward_path)
     conditions = info.get("conditions") or dict(recipe.rlhf.conditions)
     prompts, rejected = load_records(data_path, parse_prompt, conditions)
     encoded, too_long = encode_prompts(tok, prompts, conditions, info.get("use_conditions", True), cfg.max_prompt_len)
-    _write_rejected(stage_dir, rejected + too_long, len(prompts) + len(rejected), "rlhf ppo")
+    if dist.is_main:
+        _write_rejected(stage_dir, rejected + too_long, len(prompts) + len(rejected), "rlhf ppo")
     if not encoded:
         raise InputError(f"{data_path} has no usable prompt; see {stage_dir / REJECTED}")
 
-    actor = build_model(policy, cfg.max_prompt_len + cfg.max_new_tokens, tok)
-    ref = load_model(policy, device=dist.device)
-    ref_hash = state_hash(ref)
-    critic = copy.deepcopy(rm).train()
-    critic.requires_grad_(True)
-    critic.backbone.output.weight.requires_grad_(False)
-    ptx_batches, ptx_desc = ptx_source(ws, cfg, tok, policy, ptx)
-    updates = cfg.ppo_epochs * min(cfg.minibatches, cfg.prompts_per_iteration)
-    actor_engine = Engine(actor, engine_config(cfg, cfg.actor_lr, (cfg.iterations - cfg.critic_warmup) * updates),
-                          max(1, (cfg.iterations - cfg.critic_warmup) * updates), dist)
-    critic_engine = Engine(critic, engine_config(cfg, cfg.critic_lr, cfg.iterations * updates),
-                           cfg.iterations * updates, dist)
-    trainer = PPOTrainer(actor_engine, ref, critic_engine, rm, tok, encoded, cfg, ptx_batches)
+    updates = cfg.ppo_epochs * min(cfg.minibatches, cfg.prompts_per_iteration // dist.world)
+    actor_cfg = engine_config(cfg, cfg.actor_lr, (cfg.iterations - cfg.critic_warmup) * updates)
+    critic_cfg = engine_config(cfg, cfg.critic_lr, cfg.iterations * updates)
+    seq_len = cfg.max_prompt_len + cfg.max_new_tokens
+    actor = build_model(policy, seq_len, tok)
+    # The critic: the reward model's backbone with a fresh (zero) value head; see ppo.py's docstring.
+    critic = RewardModel(build_model(reward_path, seq_len, tok))
+    zero3 = actor_cfg.resolved_zero_stage == 3
+    ref = frozen(load_model(policy), dist, cfg.precision, zero3=zero3 or cfg.frozen_offload, offload=cfg.frozen_offload)
+    rm = frozen(rm_module, dist, cfg.precision, zero3=zero3 or cfg.frozen_offload, offload=cfg.frozen_offload)
+    ref_hash = frozen_hash(ref)
+    ptx_batches, ptx_desc = ptx_source(ws, cfg, tok, policy, ptx, dist.rank, dist.world)
+    actor_engine = Engine(actor, actor_cfg, actor_cfg.max_steps, dist)
+    critic_engine = Engine(critic, critic_cfg, critic_cfg.max_steps, dist)
+    trainer = PPOTrainer(actor_engine, ref, critic_engine, rm, tok, encoded, cfg, ptx_batches, dist,
+                         rollout_backend(cfg, tok))
 
     config_yaml = to_yaml(recipe)
     inputs = [policy, reward_path, data_path]
     actor_root, critic_root = stage_dir / "checkpoints", stage_dir / "critic" / "checkpoints"
+    critic_info = {**info, "critic_of": str(reward_path), "head_init": "zero"}
     savers = [AsyncCheckpointer(actor_root, actor_engine, dist, keep_last=cfg.keep_last, model_config=actor.config,
                                 tokenizer=tok, config_yaml=config_yaml, inputs=inputs),
               AsyncCheckpointer(critic_root, critic_engine, dist, keep_last=cfg.keep_last, model_config=critic.config,
-                                tokenizer=tok, export=reward_exporter(info), config_yaml=config_yaml, inputs=inputs)]
-    start = _common_resume(actor_root, critic_root, resume)
+                                tokenizer=tok, export=reward_exporter(critic_info), config_yaml=config_yaml,
+                                inputs=inputs)]
+    start = _common_resume(actor_root, critic_root, resume, dist)
     metrics_path, rollouts_path = stage_dir / METRICS, stage_dir / ROLLOUTS
     if start is not None:
         _, data_state = restore(actor_root / step_name(start), actor_engine, dist)
         restore(critic_root / step_name(start), critic_engine, dist)
         trainer.load_state_dict(data_state)
-        log(f"rlhf ppo: resuming at iteration {start}/{cfg.iterations}")
-    else:
+        if dist.is_main:
+            log(f"rlhf ppo: resuming at iteration {start}/{cfg.iterations}")
+    elif dist.is_main:
         for p in (metrics_path, rollouts_path):
             p.unlink(missing_ok=True)
-    _keep_rows(metrics_path, trainer.iteration_done)
-    _keep_rows(rollouts_path, trainer.iteration_done)
-    atomic_write_text(stage_dir / "config.yaml", config_yaml)
-    log(f"rlhf ppo: {len(encoded)} prompts, {cfg.iterations} iterations x {cfg.prompts_per_iteration} "
-        f"(critic-only for {cfg.critic_warmup}); policy {policy}, reward {reward_path}, PTX {ptx_desc}")
+    if dist.is_main:
+        _keep_rows(metrics_path, trainer.iteration_done)
+        _keep_rows(rollouts_path, trainer.iteration_done)
+        atomic_write_text(stage_dir / "config.yaml", config_yaml)
+        log(f"rlhf ppo: {len(encoded)} prompts, {cfg.iterations} iterations x {cfg.prompts_per_iteration} "
+            f"(critic-only for {cfg.critic_warmup}) on {dist.world} rank(s), ZeRO-{actor_engine.zero_stage} "
+            f"{cfg.precision}, reference/reward {'ZeRO-3 sharded' if zero3 or cfg.frozen_offload else 'whole'}"
+            f"{' in CPU memory' if cfg.frozen_offload else ''}; policy {policy}, reward {reward_path}, PTX {ptx_desc}")
 
-    with progress("rlhf ppo", total=cfg.iterations) as bar:
-        bar.advance(trainer.iteration_done)
+    with (progress("rlhf ppo", total=cfg.iterations) if dist.is_main else contextlib.nullcontext()) as bar:
+        if bar is not None:
+            bar.advance(trainer.iteration_done)
         while trainer.iteration_done < cfg.iterations:
             row, samples = trainer.iteration()
-            _append(metrics_path, [row])
-            _append(rollouts_path, samples)
             it = trainer.iteration_done
-            gold = f" gold {row['gold_mean']:.3f}" if row.get("gold_mean") is not None else ""
-            bar.advance(1, info=f"reward {row['reward_mean']:.3f}{gold} kl {row['kl']:.2f} len {row['response_len']:.1f}")
+            if dist.is_main:
+                _append(metrics_path, [row])
+                _append(rollouts_path, samples)
+                gold = f" gold {row['gold_mean']:.3f}" if row.get("gold_mean") is not None else ""
+                bar.advance(1, info=f"reward {row['reward_mean']:.3f}{gold} kl {row['kl']:.2f} "
+                                    f"len {row['response_len']:.1f}")
             if it % cfg.save_every == 0 or it == cfg.iterations:
                 state = trainer.state_dict()
                 for saver in savers:
@@ -311,25 +379,45 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     for saver in savers:
         saver.wait()
 
-    if state_hash(ref) != ref_hash:
+    if frozen_hash(ref) != ref_hash:
         raise Lm2Error("the reference model changed during PPO; this is a bug")
-    history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    stats = ppo_stats(history)
-    stats.update(prompts=len(encoded), rejected=len(rejected) + len(too_long), ptx=ptx_desc,
-                 reference_sha256=ref_hash, train_seconds=round(time.perf_counter() - t_start, 2))
     final = stage_dir / "final"
-    with staging_dir(final) as tmp:
-        save_model(actor_engine.module, tmp, tokenizer=tok)
-        write_manifest(tmp, "checkpoint", config=actor.config, inputs=inputs, stats=stats, stage=PPO_KIND)
-    plot_ppo(history, stage_dir / "ppo.png")
-    write_manifest(stage_dir, PPO_KIND, config={"ppo": cfg, "conditions": conditions}, inputs=inputs, stats=stats,
-                   final="final")
-    log(f"rlhf ppo: reward {stats['reward_first']:.3f} -> {stats['reward_last']:.3f}"
-        + (f", gold {stats['gold_first']:.3f} -> {stats['gold_last']:.3f}" if stats.get("gold_last") is not None else "")
-        + f", KL {stats['kl_last']:.2f} nats/response; actor in {final}")
-    if json_out:
-        print_json({"stage_dir": stage_dir, "final": final, **stats})
+    stats = None
+    if dist.is_main:
+        history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        stats = ppo_stats(history)
+        stats.update(prompts=len(encoded), rejected=len(rejected) + len(too_long), ptx=ptx_desc,
+                     reference_sha256=ref_hash, train_seconds=round(time.perf_counter() - t_start, 2),
+                     world=dist.world, zero_stage=actor_engine.zero_stage, precision=cfg.precision,
+                     critic_head_init="zero")
+    with whole(actor_engine.ds) as module:  # collective under ZeRO-3
+        if dist.is_main:
+            with staging_dir(final) as tmp:
+                save_model(module, tmp, tokenizer=tok)
+                write_manifest(tmp, "checkpoint", config=actor.config, inputs=inputs, stats=stats, stage=PPO_KIND)
+    if dist.is_main:
+        plot_ppo(history, stage_dir / "ppo.png")
+        write_manifest(stage_dir, PPO_KIND, config={"ppo": cfg, "conditions": conditions}, inputs=inputs,
+                       stats=stats, final="final")
+        log(f"rlhf ppo: reward {stats['reward_first']:.3f} -> {stats['reward_last']:.3f}"
+            + (f", gold {stats['gold_first']:.3f} -> {stats['gold_last']:.3f}" if stats.get("gold_last") is not None
+               else "") + f", KL {stats['kl_last']:.2f} nats/response; actor in {final}")
+        if json_out:
+            print_json({"stage_dir": stage_dir, "final": final, **stats})
+    barrier(dist)
     return stage_dir
+
+
+def planned_ppo(recipe: Recipe, world: int) -> Recipe:
+    """`--plan`: the recipe with `lm2 plan`'s RLHF layout for this cluster (ZeRO stage, frozen-model
+    sharding, micro-batch sizes)."""
+    from .. import plan as planner
+
+    choice = planner.best_rlhf_layout(recipe, planner.detect_cluster())
+    if choice.layout.dp != world:
+        raise InputError(f"the plan is for {choice.layout.dp} ranks but this run has {world}")
+    log(f"--plan: {choice.layout.describe()}")
+    return planner.apply_rlhf_layout(recipe, choice.layout)
 
 
 def _window_mean(history: list[dict], key: str, first: bool, n: int = 5) -> Optional[float]:

@@ -1,8 +1,7 @@
 """What the stages that fine-tune a checkpoint share (SFT, the reward model, PPO): the model they start
-from at their context length, the checkpoint's tokenizer, and micro-batches of packed rows.
+from at their context length and micro-batches of packed rows (the input's tokenizer: `stages.input_tokenizer`).
 
     build_model(source, max_len, tok)   the source weights, context >= max_len, special ids from `tok`
-    load_tokenizer(ws, source)          the checkpoint's own tokenizer, else the workspace's
     RowBatches(rows, micro, rank, world, seed)
                                         a seeded order of packed rows, reshuffled each epoch; rank r of W
                                         takes its own rows of every global micro-batch; position = 1 integer
@@ -83,11 +82,3 @@ def build_model(source: Path, max_len: int, tok):
     model.load_state_dict(src.state_dict())
     return model
 
-
-def load_tokenizer(ws, source: Path):
-    from ..tokenizer import Tokenizer
-
-    try:
-        return Tokenizer.load(source)
-    except InputError:
-        return Tokenizer.from_workspace(ws)
