@@ -386,6 +386,10 @@ RewardOpt = typer.Option(None, "--reward", help="Reward model from `lm2 rlhf rew
                          "runs/<run>/rlhf-reward/final).")
 PtxOpt = typer.Option(None, "--ptx", help="PTX text: a JSONL of chat `messages` or `text` records, or `none` "
                       "(default: rlhf.ppo.ptx_data, else data/tokens, else the SFT data).")
+RlhfNprocOpt = typer.Option(1, "--nproc", min=1, help="Local data-parallel ranks (re-executes under "
+                            "torch.distributed.run). Multi-node: start under DeepSpeed's launcher (README).")
+StageDirOpt = typer.Option(None, "--stage-dir", hidden=True, help="Write here instead of runs/<run>/<stage>/ "
+                           "(online rounds; --nproc ranks).")
 
 
 @rlhf_app.command("reward")
@@ -396,6 +400,8 @@ def rlhf_reward(
     from_: Optional[Path] = typer.Option(None, "--from", help="Checkpoint or stage folder to start from (default: "
                                          "runs/<run>/sft/final); a reward model continues with its head."),
     resume: str = ResumeOpt,
+    nproc: int = RlhfNprocOpt,
+    stage_dir: Optional[Path] = StageDirOpt,
     workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt, dry_run: bool = DryRunOpt, hostfile: Optional[Path] = HostfileOpt,
     json_out: bool = JsonOpt,
@@ -412,7 +418,7 @@ def rlhf_reward(
                            hostfile=hostfile).finish(json_out)
         return
     run_reward(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, resume=resume,
-               json_out=json_out)
+               json_out=json_out, stage_dir=stage_dir, nproc=nproc)
 
 
 @rlhf_app.command("ppo")
@@ -423,6 +429,10 @@ def rlhf_ppo(
     reward: Optional[Path] = RewardOpt,
     ptx: Optional[str] = PtxOpt,
     resume: str = ResumeOpt,
+    nproc: int = RlhfNprocOpt,
+    plan: bool = typer.Option(False, "--plan", help="Take the ZeRO stage, frozen-model sharding and micro-batch "
+                              "sizes from `lm2 plan --rlhf ppo`'s layout for this cluster."),
+    stage_dir: Optional[Path] = StageDirOpt,
     workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt, dry_run: bool = DryRunOpt, hostfile: Optional[Path] = HostfileOpt,
     json_out: bool = JsonOpt,
@@ -439,7 +449,7 @@ def rlhf_ppo(
                         hostfile=hostfile).finish(json_out)
         return
     run_ppo(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, reward=reward, ptx=ptx,
-            resume=resume, json_out=json_out)
+            resume=resume, json_out=json_out, stage_dir=stage_dir, nproc=nproc, plan=plan)
 
 
 @rlhf_app.command("online")
@@ -452,6 +462,7 @@ def rlhf_online(
                                            "examples/rlhf/prompts.jsonl)."),
     from_: Optional[Path] = PolicyOpt,
     ptx: Optional[str] = PtxOpt,
+    nproc: int = RlhfNprocOpt,
     workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt, json_out: bool = JsonOpt,
 ) -> None:
@@ -462,7 +473,7 @@ def rlhf_online(
 
     overrides = list(set_ or []) + ([f"rlhf.online.rounds={rounds}"] if rounds else [])
     run_online(Workspace.at(workdir), _recipe(recipe, overrides), run=run, data=data, prompts=prompts, from_=from_,
-               ptx=ptx, json_out=json_out)
+               ptx=ptx, json_out=json_out, nproc=nproc)
 
 
 @app.command()
@@ -677,6 +688,8 @@ def plan(
     mfu: float = typer.Option(0.5, "--mfu", help="Share of peak the executed FLOPs reach."),
     zero: Optional[List[int]] = typer.Option(None, "--zero", help="Only these ZeRO stages (repeatable)."),
     top: int = typer.Option(5, "--top", help="Layouts to show in the table."),
+    rlhf: Optional[str] = typer.Option(None, "--rlhf", help="Plan an RLHF stage instead: `reward` (the reward "
+                                       "model's training) or `ppo` (four models + rollout buffer per rank)."),
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
     json_out: bool = typer.Option(False, "--json", help="Print every layout as JSON, best first."),
@@ -686,7 +699,7 @@ def plan(
     from .plan import run_plan
 
     run_plan(_recipe(recipe, set_), gpus, gpus_per_node, gpu, gpu_memory, peak_tflops, intra_bw, inter_bw, stage,
-             seq_len, global_batch_tokens, mfu, zero, top, json_out)
+             seq_len, global_batch_tokens, mfu, zero, top, json_out, rlhf=rlhf)
 
 
 # ---------------------------------------------------------------------------------------------------
