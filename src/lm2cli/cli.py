@@ -544,6 +544,14 @@ def _eval_json(json_out: bool, path: Path) -> None:
 
 
 EvalCheckpointArg = typer.Argument(None, help="Checkpoint folder or HF export (default: the run's latest final/).")
+EvalNprocOpt = typer.Option(1, "--nproc", min=1, help="Local ranks sharing the evaluation (re-executes under "
+                            "torch.distributed.run); the results equal one rank's. Under a launcher: its ranks.")
+EvalDtypeOpt = typer.Option(None, "--dtype", help="auto (the checkpoint's half dtype, else bf16, on CUDA; fp32 on "
+                            "CPU), fp32, bf16 or fp16; default: eval.dtype.")
+
+
+def _eval_sets(set_: Optional[List[str]], dtype: Optional[str]) -> list:
+    return list(set_ or []) + ([f"eval.dtype={dtype}"] if dtype else [])
 
 
 @eval_app.command("ppl")
@@ -557,6 +565,9 @@ def eval_ppl(
         help="Contamination check (InternLM2 §5.4): mean loss on a benchmark's train split, test split and "
              "look-alike reference text (JSONL with `text`, or `question` + `answer`); reports Δ1 = L_test − L_ref "
              "and Δ2 = L_test − L_train."),
+    name: str = typer.Option("ppl", "--name", help="Output folder under eval/<run>/."),
+    nproc: int = EvalNprocOpt,
+    dtype: Optional[str] = EvalDtypeOpt,
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
@@ -568,8 +579,8 @@ def eval_ppl(
     from .evaluate.ppl import run_ppl
     from .layout import Workspace
 
-    out = run_ppl(Workspace.at(workdir), _recipe(recipe, set_), checkpoint, run=run, data=data,
-                  contamination_sets=contamination, show=not json_out)
+    out = run_ppl(Workspace.at(workdir), _recipe(recipe, _eval_sets(set_, dtype)), checkpoint, run=run, data=data,
+                  contamination_sets=contamination, name=name, show=not json_out, nproc=nproc)
     _eval_json(json_out, out / "results.json")
 
 
@@ -586,6 +597,9 @@ def eval_opencompass(
                                            "(chat after sft/rlhf); default: eval.opencompass.template."),
     launcher: Optional[str] = typer.Option(None, "--launcher", help="inprocess or cli (OpenCompass's own CLI on "
                                            "the same config); default: eval.opencompass.launcher."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Workers sharing the inference (OpenCompass's "
+                              "NumWorkerPartitioner + LocalRunner, one GPU each on CUDA)."),
+    dtype: Optional[str] = EvalDtypeOpt,
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
@@ -597,7 +611,7 @@ def eval_opencompass(
     from .evaluate.opencompass_runner import run_opencompass
     from .layout import Workspace
 
-    sets = list(set_ or [])
+    sets = _eval_sets(set_, dtype) + ([f"eval.opencompass.nproc={nproc}"] if nproc > 1 else [])
     sets += [f"eval.opencompass.template={template}"] if template else []
     sets += [f"eval.opencompass.launcher={launcher}"] if launcher else []
     out = run_opencompass(Workspace.at(workdir), _recipe(recipe, sets), checkpoint, run=run, datasets=dataset,
@@ -619,13 +633,14 @@ def _int_list(value: Optional[str], what: str) -> Optional[list]:
 
 
 def _needle(checkpoint, workdir, run, recipe, set_, json_out, mode, lengths, depths, repeats, rope_scaling, factor,
-            haystack, name) -> None:
+            haystack, name, template=None, nproc=1, dtype=None) -> None:
     from .evaluate.needle import run_needle
     from .layout import Workspace
 
-    run_needle(Workspace.at(workdir), _recipe(recipe, set_), run, checkpoint, mode=mode,
+    run_needle(Workspace.at(workdir), _recipe(recipe, _eval_sets(set_, dtype)), run, checkpoint, mode=mode,
                lengths=_int_list(lengths, "--lengths"), depths=_int_list(depths, "--depths"), repeats=repeats,
-               rope_scaling=rope_scaling, factor=factor, haystack=haystack, name=name, json_out=json_out)
+               rope_scaling=rope_scaling, factor=factor, haystack=haystack, template=template, name=name,
+               json_out=json_out, nproc=nproc)
 
 
 NeedleCheckpointArg = typer.Argument(None, help="Checkpoint folder or HF export (default: the run's latest final/).")
@@ -639,6 +654,8 @@ NeedleRopeOpt = typer.Option(None, "--rope-scaling", help="Inference-time RoPE s
 NeedleFactorOpt = typer.Option(None, "--factor", min=1.0, help="Factor for --rope-scaling (default 2.0).")
 NeedleHaystackOpt = typer.Option(None, "--haystack", help="auto, filler, or a JSONL/text file or folder.")
 NeedleNameOpt = typer.Option(None, "--name", help="Output folder under eval/<run>/ (default: needle-<mode>[-<scaling>]).")
+NeedleTemplateOpt = typer.Option(None, "--template", help="raw (plain prompt), chat (a user turn of the chat "
+                                 "template) or auto (chat for SFT/RLHF checkpoints); default: eval.needle.template.")
 
 
 @eval_app.command("needle")
@@ -651,7 +668,10 @@ def eval_needle(
     rope_scaling: Optional[str] = NeedleRopeOpt,
     factor: Optional[float] = NeedleFactorOpt,
     haystack: Optional[str] = NeedleHaystackOpt,
+    template: Optional[str] = NeedleTemplateOpt,
     name: Optional[str] = NeedleNameOpt,
+    nproc: int = EvalNprocOpt,
+    dtype: Optional[str] = EvalDtypeOpt,
     workdir: Optional[Path] = WorkdirOpt,
     run: str = RunOpt,
     recipe: str = RecipeOpt,
@@ -660,7 +680,7 @@ def eval_needle(
 ) -> None:
     """Needle-in-a-haystack grid; writes eval/<run>/needle-<mode>/ (results.jsonl, summary.json, heatmap.png)."""
     _needle(checkpoint, workdir, run, recipe, set_, json_out, mode, lengths, depths, repeats, rope_scaling, factor,
-            haystack, name)
+            haystack, name, template, nproc, dtype)
 
 
 # `lm2 needle` is the very same command, registered a second time at the top level.

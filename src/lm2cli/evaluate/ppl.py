@@ -54,34 +54,41 @@ class Doc:
 
 
 @torch.no_grad()
-def token_nll(model, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
-    """Per sequence, the NLL (nats) of each token after the first: `out[i][t] = −log p(s[t+1] | s[:t+1])`.
-
-    Sequences are batched longest first and right-padded under an attention mask, so the result does
-    not depend on the batch they land in.
-    """
+def batch_nll(model, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """One batch: per sequence, the NLL (nats) of each token after the first, `out[i][t] = −log p(s[t+1] |
+    s[:t+1])`. Rows are right-padded to the longest under an attention mask (none when all are as long)."""
     from ..generate import score_logprobs
 
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out: list[np.ndarray] = [np.zeros(0)] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        idx = [i for i in order[start:start + batch_size] if len(seqs[i]) > 1]
-        if not idx:
-            continue
-        width = len(seqs[idx[0]])
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(seqs[i])] = torch.as_tensor(list(seqs[i]), dtype=torch.long)
-            mask[r, :len(seqs[i])] = 1
-        padded = bool((mask == 0).any())
-        chunk = max(16, LOGITS_BUDGET // (len(idx) * model.config.vocab_size))
-        logp = score_logprobs(model, ids.to(device), mask.to(device) if padded else None, chunk=chunk)
-        logp = logp.double().cpu().numpy()
-        for r, i in enumerate(idx):
-            out[i] = -logp[r, :len(seqs[i]) - 1]
+    live = [i for i, s in enumerate(seqs) if len(s) > 1]
+    out: list[np.ndarray] = [np.zeros(0) for _ in seqs]
+    if not live:
+        return out
+    width = max(len(seqs[i]) for i in live)
+    ids = torch.zeros((len(live), width), dtype=torch.long)
+    mask = torch.zeros((len(live), width), dtype=torch.long)
+    for r, i in enumerate(live):
+        ids[r, :len(seqs[i])] = torch.as_tensor(list(seqs[i]), dtype=torch.long)
+        mask[r, :len(seqs[i])] = 1
+    padded = bool((mask == 0).any())
+    chunk = max(16, LOGITS_BUDGET // (len(live) * model.config.vocab_size))
+    logp = score_logprobs(model, ids.to(device), mask.to(device) if padded else None, chunk=chunk)
+    logp = logp.double().cpu().numpy()
+    for r, i in enumerate(live):
+        out[i] = -logp[r, :len(seqs[i]) - 1]
     return out
+
+
+def token_nll(model, seqs: Sequence[Sequence[int]], batch_size: int = 8, world=None) -> list[np.ndarray]:
+    """`batch_nll` over any number of sequences, batched by length (longest first, each batch padded only
+    to its own longest), in input order; with a `world` of several ranks each scores its share of the
+    batches and all get every result."""
+    from .parallel import World, map_batches
+
+    def score(idx: list[int]) -> dict[int, np.ndarray]:
+        return dict(zip(idx, batch_nll(model, [seqs[i] for i in idx])))
+
+    return map_batches([len(s) for s in seqs], batch_size, world or World(), score)
 
 
 def windows(ids: Sequence[int], bos: int, max_len: int) -> list[list[int]]:
@@ -91,21 +98,28 @@ def windows(ids: Sequence[int], bos: int, max_len: int) -> list[list[int]]:
 
 
 def document_nll(model, docs: Sequence[Doc], bos: int, max_len: int, batch_size: int = 8,
-                 task=None) -> np.ndarray:
-    """Summed NLL (nats) of each document's tokens."""
+                 task=None, world=None) -> np.ndarray:
+    """Summed NLL (nats) of each document's tokens. All windows of all documents are batched together by
+    length; with a `world` of several ranks each scores its share and every rank gets all the sums,
+    added up in window order as one rank would."""
+    from .parallel import World, map_batches
+
     seqs, owner = [], []
     for d, doc in enumerate(docs):
         for w in windows(doc.ids, bos, max_len):
             seqs.append(w)
             owner.append(d)
-    sums = np.zeros(len(docs))
-    per_call = batch_size * 8  # progress granularity
-    for s in range(0, len(seqs), per_call):
-        chunk = seqs[s:s + per_call]
-        for o, nll in zip(owner[s:s + per_call], token_nll(model, chunk, batch_size)):
-            sums[o] += float(nll.sum())
+
+    def score(idx: list[int]) -> dict[int, float]:
+        nll = batch_nll(model, [seqs[i] for i in idx])
         if task is not None:
-            task.advance(sum(len(c) - 1 for c in chunk))
+            task.advance(sum(len(seqs[i]) - 1 for i in idx))
+        return {i: float(n.sum()) for i, n in zip(idx, nll)}
+
+    per_window = map_batches([len(s) for s in seqs], batch_size, world or World(), score)
+    sums = np.zeros(len(docs))
+    for o, nll in zip(owner, per_window):
+        sums[o] += nll
     return sums
 
 
@@ -268,18 +282,19 @@ def texts_of(path: Path) -> list[str]:
 # Contamination (SPEC §9.3)
 
 
-def mean_sample_loss(model, tok, texts: Sequence[str], max_len: int, batch_size: int = 8) -> float:
+def mean_sample_loss(model, tok, texts: Sequence[str], max_len: int, batch_size: int = 8, world=None) -> float:
     """Mean over samples of each sample's mean token loss (nats), texts predicted after `<s>`."""
     docs = [Doc(tok.encode(t), 0) for t in texts]
     docs = [d for d in docs if d.ids]
-    nll = document_nll(model, docs, tok.bos_id, max_len, batch_size)
+    nll = document_nll(model, docs, tok.bos_id, max_len, batch_size, world=world)
     return float(np.mean([n / len(d.ids) for d, n in zip(docs, nll)]))
 
 
-def contamination(model, tok, train: Path, test: Path, ref: Path, max_len: int, batch_size: int = 8) -> dict:
+def contamination(model, tok, train: Path, test: Path, ref: Path, max_len: int, batch_size: int = 8,
+                  world=None) -> dict:
     sets = {"train": train, "test": test, "ref": ref}
     texts = {k: texts_of(p) for k, p in sets.items()}
-    loss = {k: mean_sample_loss(model, tok, t, max_len, batch_size) for k, t in texts.items()}
+    loss = {k: mean_sample_loss(model, tok, t, max_len, batch_size, world) for k, t in texts.items()}
     return {
         "L_train": loss["train"], "L_test": loss["test"], "L_ref": loss["ref"],
         "delta1": loss["test"] - loss["ref"], "delta2": loss["test"] - loss["train"],
@@ -294,11 +309,17 @@ def contamination(model, tok, train: Path, test: Path, ref: Path, max_len: int, 
 
 def run_ppl(ws, recipe, checkpoint: Path | None = None, *, run: str = "default",
             data: Sequence[Path] | None = None, contamination_sets: tuple[Path, Path, Path] | None = None,
-            name: str = "ppl", show: bool = True) -> Path:
-    """Score a checkpoint into `eval/<run>/<name>/` (results.json, summary.md, manifest.json)."""
+            name: str = "ppl", show: bool = True, nproc: int = 1) -> Path:
+    """Score a checkpoint into `eval/<run>/<name>/` (results.json, summary.md, manifest.json).
+
+    `nproc` > 1 runs the same command as that many ranks (evaluate/parallel.py); the numbers are the
+    same as one rank's. The model loads in `eval.dtype` (auto: bf16 on CUDA, fp32 on CPU)."""
+    import contextlib
+
     from ..console import progress
     from ..layout import staging_dir, write_manifest
     from .common import load_checkpoint, resolve_checkpoint
+    from .parallel import barrier, join, relaunch_eval, wants_relaunch
 
     cfg = recipe.eval
     checkpoint = resolve_checkpoint(ws, run, checkpoint)
@@ -312,21 +333,33 @@ def run_ppl(ws, recipe, checkpoint: Path | None = None, *, run: str = "default",
                          "JSONL was given")
     for p in contamination_sets or ():
         jsonl_files([p])
-    model, tok = load_checkpoint(checkpoint, cfg.rope_scaling)
+    if wants_relaunch(nproc):
+        command = ["ppl", str(checkpoint), "--name", name, *(f"--data={p}" for p in data or ())]
+        command += ["--contamination", *map(str, contamination_sets)] if contamination_sets else []
+        relaunch_eval(ws, recipe, run, nproc, command, name)  # rank 0 prints the table (on stderr)
+        return ws.eval_dir(name, run)
+    world = join()
+    model, tok = load_checkpoint(checkpoint, cfg.rope_scaling, device=world.device, dtype=cfg.dtype)
     if source == "jsonl":
         docs = jsonl_docs(inputs, tok, cfg.ppl_max_tokens)
     else:
         docs = token_store_docs(ws.tokens, tok, cfg.ppl_max_tokens)
     # Scored windows never exceed the length the model was trained at (its max_position_embeddings).
     window = min(cfg.max_len, model.config.max_position_embeddings)
-    with progress("eval ppl (tokens)", total=sum(len(d.ids) for d in docs)) as task:
-        nll = document_nll(model, docs, tok.bos_id, window, cfg.batch_size, task)
+    total = sum(len(d.ids) for d in docs) // world.size  # this rank's share, roughly
+    bar = progress("eval ppl (tokens)", total=total) if world.is_main else contextlib.nullcontext()
+    with bar as task:
+        nll = document_nll(model, docs, tok.bos_id, window, cfg.batch_size, task, world)
     results = {"checkpoint": str(checkpoint), "source": source, "window": window,
-               "rope_scaling": model.config.rope_scaling, **breakdown(docs, nll)}
+               "rope_scaling": model.config.rope_scaling, "dtype": str(next(model.parameters()).dtype)[6:],
+               "ranks": world.size, **breakdown(docs, nll)}
     if contamination_sets:
-        results["contamination"] = contamination(model, tok, *contamination_sets, window, cfg.batch_size)
+        results["contamination"] = contamination(model, tok, *contamination_sets, window, cfg.batch_size, world)
         inputs = [*inputs, *contamination_sets]
     out = ws.eval_dir(name, run)
+    if not world.is_main:
+        barrier(world)  # rank 0 writes the artefact; the others wait until it has
+        return out
     with staging_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(results))
@@ -335,6 +368,7 @@ def run_ppl(ws, recipe, checkpoint: Path | None = None, *, run: str = "default",
                        stats={"tokens": a["tokens"], "loss": a["loss"], "ppl": a["ppl"], "bpb": a["bpb"],
                               **({k: results["contamination"][k] for k in ("delta1", "delta2")}
                                  if contamination_sets else {})})
+    barrier(world)
     if show:
         print_table(results)
     return out
