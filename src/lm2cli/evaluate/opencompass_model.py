@@ -4,7 +4,10 @@ OpenCompass builds the model from a config dict, by dotted path, with everything
 
     dict(type="lm2cli.evaluate.opencompass_model.LM2Model", abbr="lm2", path="/abs/checkpoint",
          meta_template=chatml_meta_template(tok), max_seq_len=1024, max_out_len=32, batch_size=8,
-         rope_scaling={"type": "dynamic", "factor": 2.0}, run_cfg=dict(num_gpus=0))
+         rope_scaling={"type": "dynamic", "factor": 2.0}, dtype="auto", run_cfg=dict(num_gpus=0))
+
+`dtype` is lm2's eval dtype (auto: bf16 on CUDA, fp32 on CPU). OpenCompass hands the model whole
+batches of `batch_size` prompts; `get_ppl` and `generate` sort them by length internally (pad minimal).
 
 Contract (opencompass 0.5.4 `models/base.py`):
 - every input is `<s>` + the text, with special-token strings parsed (the meta template writes
@@ -72,14 +75,14 @@ class LM2Model(BaseModel):
     def __init__(self, path: str, max_seq_len: int = 2048, tokenizer_only: bool = False,
                  meta_template: dict | None = None, generation_kwargs: dict | None = None,
                  sync_rank: bool = False, rope_scaling: dict | None = None, stop_words: tuple = (),
-                 device: str | None = None, **kwargs):
+                 device: str | None = None, dtype: str = "auto", **kwargs):
         super().__init__(path=path, max_seq_len=max_seq_len, tokenizer_only=tokenizer_only,
                          meta_template=meta_template, generation_kwargs=dict(generation_kwargs or {}),
                          sync_rank=sync_rank)
         if tokenizer_only:
             self.tokenizer, self.model = load_tokenizer(path), None
         else:
-            self.model, self.tokenizer = load_checkpoint(path, rope_scaling, device)
+            self.model, self.tokenizer = load_checkpoint(path, rope_scaling, device, dtype=dtype)
         self.stop_words = list(stop_words)
         stops = set(self.tokenizer.stop_ids)
         if self.eos_token_id is not None:

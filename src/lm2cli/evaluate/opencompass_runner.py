@@ -199,7 +199,7 @@ def model_config(checkpoint: Path, recipe, chat: bool) -> dict:
     ev = recipe.eval
     cfg = dict(type=f"{LM2Model.__module__}.{LM2Model.__name__}", abbr=MODEL_ABBR, path=str(checkpoint),
                max_seq_len=ev.max_len, max_out_len=ev.opencompass.max_out_len, batch_size=ev.batch_size,
-               run_cfg=dict(num_gpus=1 if torch.cuda.is_available() else 0))
+               dtype=ev.dtype, run_cfg=dict(num_gpus=1 if torch.cuda.is_available() else 0))
     if ev.rope_scaling:
         cfg["rope_scaling"] = dict(ev.rope_scaling)
     if chat:
@@ -207,15 +207,24 @@ def model_config(checkpoint: Path, recipe, chat: bool) -> dict:
     return cfg
 
 
-def _stage(task: str, **task_kw) -> dict:
-    return dict(partitioner=dict(type="opencompass.partitioners.NaivePartitioner"),
-                runner=dict(type="opencompass.runners.LocalRunner", max_num_workers=1, debug=True,
+def _stage(task: str, nproc: int = 1, **task_kw) -> dict:
+    """One rank: OpenCompass's debug path (every task in this process, in order). `nproc` > 1: each
+    dataset split into `nproc` parts (NumWorkerPartitioner) run by as many worker processes at once
+    (LocalRunner, each with the model's `run_cfg.num_gpus` GPUs) — OpenCompass's own data parallelism."""
+    if nproc == 1:
+        partitioner = dict(type="opencompass.partitioners.NaivePartitioner")
+    else:
+        partitioner = dict(type="opencompass.partitioners.NumWorkerPartitioner", num_worker=nproc, min_task_size=1,
+                           dataset_size_path=".cache/dataset_size.json")
+    return dict(partitioner=partitioner,
+                runner=dict(type="opencompass.runners.LocalRunner", max_num_workers=nproc, debug=nproc == 1,
                             task=dict(type=f"opencompass.tasks.{task}", **task_kw)))
 
 
-def build_config(model: dict, datasets: list[dict]) -> dict:
+def build_config(model: dict, datasets: list[dict], nproc: int = 1) -> dict:
+    """Inference shards over `nproc` workers; scoring (cheap, on the gathered predictions) runs once."""
     return dict(models=[model], datasets=datasets, work_dir="outputs",
-                infer=_stage("OpenICLInferTask"), eval=_stage("OpenICLEvalTask", dump_details=True))
+                infer=_stage("OpenICLInferTask", nproc), eval=_stage("OpenICLEvalTask", dump_details=True))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,12 +403,13 @@ def run_opencompass(ws, recipe, checkpoint: Path | None = None, *, run: str = "d
             raise InputError(f"two datasets share the name {dupes[0]!r} (OpenCompass keys results by file stem)")
         model = model_config(checkpoint, recipe, chat=template == "chat")
         config_path = out / "config.py"
-        Config(build_config(model, ds_cfgs), format_python_code=False).dump(str(config_path))
+        Config(build_config(model, ds_cfgs, oc_cfg.nproc), format_python_code=False).dump(str(config_path))
         # OpenCompass prints its tables on stdout, which belongs to `--json` (console.py).
         with _cwd(out), contextlib.redirect_stdout(sys.stderr):
             work = (run_inprocess(config_path) if oc_cfg.launcher == "inprocess"
                     else run_cli(config_path, out / "opencompass.log"))
     summary = {"checkpoint": str(checkpoint), "template": template, "launcher": oc_cfg.launcher,
+               "dtype": recipe.eval.dtype, "workers": oc_cfg.nproc,
                "opencompass_version": getattr(oc, "__version__", "?"), "work_dir": str(work),
                "datasets": collect(work, ds_cfgs, rows)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
