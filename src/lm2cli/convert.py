@@ -675,7 +675,7 @@ def _atomic_file(final: Path) -> Iterator[Path]:
 
 
 def write_gguf(model, tokenizer, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A llama.cpp GGUF (architecture internlm2) of `model` and its byte-level BPE `tokenizer`."""
+    """A llama.cpp GGUF (architecture internlm2) of `model` and its tokenizer (byte-level BPE or SentencePiece)."""
     import gguf
     import numpy as np
 
@@ -741,10 +741,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "inter
     model = load_model(checkpoint, dtype=torch_dtype)
     try:
         tokenizer = Tokenizer.load(checkpoint)
-    except InputError:
+    except InputError as e:
         if fmt == "gguf":
             raise
-        tokenizer = None  # weights only: a checkpoint saved without its tokenizer
+        from .console import warn
+
+        warn(f"{e}: exporting the weights without tokenizer files")
+        tokenizer = None
     if fmt == "gguf":
         return write_gguf(model, tokenizer, out, torch_dtype)
     with staging_dir(out) as tmp:
