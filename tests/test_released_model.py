@@ -1,6 +1,6 @@
 """A released-style InternLM2 folder (tests/_released.py: SentencePiece tokenizer.model + tokenizer_config.json,
 sharded bf16 safetensors, no lm2 manifest) runs in every lm2 command that takes a model, unchanged:
-generate, chat, sft --from, eval ppl, eval needle; its logits are the bf16 weights' logits; SFT from it
+generate, chat, sft --from, eval ppl, eval needle, tokenize --tokenizer, pretrain --from, rlhf reward; its logits are the bf16 weights' logits; SFT from it
 exports back to the same layout with the SentencePiece tokenizer carried, and reloads."""
 
 from __future__ import annotations
@@ -142,3 +142,29 @@ def test_sft_from_the_released_folder_exports_back_to_its_layout(released, tmp_p
     with torch.no_grad():
         assert torch.equal(reloaded(ids), trained(ids))
         assert not torch.equal(reloaded(ids), _load(released)(ids))  # it did train
+
+
+@pytest.mark.timeout(600)
+def test_tokenize_pretrain_and_reward_model_from_the_released_folder(released, tmp_path):
+    from _tok_corpus import records, write_prepared
+
+    from lm2cli.layout import Workspace, read_manifest
+
+    ws = Workspace(tmp_path / "ws")
+    write_prepared(ws.prepared, records(seed=1, n_zh=60, n_en=30, n_code=10, n_mixed=10))
+    runner = CliRunner()
+    common = ["--workdir", str(ws.root), "--recipe", "tiny"]
+    res = runner.invoke(app, ["tokenize", "--workdir", str(ws.root), "--tokenizer", str(released), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert read_manifest(ws.tokens)["tokenizer"]["fingerprint"] == Tokenizer.load(released).fingerprint
+    res = runner.invoke(app, ["pretrain", "--stage", "2", *common, "--from", str(released),
+                              "--set", "pretrain.stage2.max_steps=2", "--set", "pretrain.stage2.seq_len=128"])
+    assert res.exit_code == 0, res.output
+    assert Tokenizer.load(ws.stage_dir("pretrain-stage2") / "final").backend == "sentencepiece"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"condition": "default", "prompt": [{"role": "user", "content": f"{a} + 1?"}],
+                                         "chosen": str(a + 1), "rejected": str(a + 2)}) + "\n" for a in range(24)))
+    res = runner.invoke(app, ["rlhf", "reward", *common, "--from", str(released), "--data", str(pairs),
+                              "--set", "rlhf.reward.train.epochs=0.2"])
+    assert res.exit_code == 0, res.output
+    assert Tokenizer.load(ws.stage_dir("rlhf-reward") / "final").reward_id == VOCAB - 17
