@@ -47,7 +47,9 @@ def model_config(recipe: Recipe, cfg: TrainConfig, tok=None, source: Optional[Mo
         return dataclasses.replace(mc, vocab_size=recipe_vocab(recipe), rope_theta=cfg.rope_theta or mc.rope_theta,
                                    max_position_embeddings=cfg.seq_len)
     if mc.vocab_size and mc.vocab_size < tok.vocab_size:
-        raise InputError(f"model.vocab_size {mc.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+        raise InputError(f"model.vocab_size {mc.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
+                         f"({tok.name}, the token shards'); build the recipe's vocabulary with "
+                         "`lm2 tokenize build-vocab`, then retokenize with `lm2 tokenize --force`")
     return dataclasses.replace(mc, vocab_size=mc.vocab_size or tok.vocab_size,
                                rope_theta=cfg.rope_theta or mc.rope_theta, max_position_embeddings=cfg.seq_len,
                                bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
