@@ -70,6 +70,19 @@ def _header(m: dict) -> str:
     return f"{m['role']} name={m['name']}" if m.get("name") else m["role"]
 
 
+# `render` as a Jinja template, for HF's `apply_chat_template` (lm2 writes it into every
+# tokenizer_config.json): byte-identical output, names and tool/environment turns included.
+JINJA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] }}"
+    "{% if message['name'] is defined and message['name'] %}{{ ' name=' + message['name'] }}{% endif %}"
+    "{{ '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def validate(record: Any) -> list[dict]:
     """The record's messages if it is a trainable conversation; else raise `Rejected` with the reason."""
     messages = record.get("messages") if isinstance(record, dict) else None

@@ -16,9 +16,9 @@ gives lm2's ids exactly:
   `tokenizer.model` is copied too.
 
 Special tokens are `added_tokens` at their explicit ids (and in the vocabulary, so HF keeps those ids).
-The chat template renders byte-identically to `lm2cli.chat.render`: BOS, then per message
-`<|im_start|>{role}[ name={name}]\\n{content}<|im_end|>\\n`, then `<|im_start|>assistant\\n` with
-`add_generation_prompt`.
+The chat template is `lm2cli.chat.JINJA_TEMPLATE`, which renders byte-identically to `chat.render`: BOS,
+then per message `<|im_start|>{role}[ name={name}]\\n{content}<|im_end|>\\n`, then
+`<|im_start|>assistant\\n` with `add_generation_prompt`.
 """
 
 from __future__ import annotations
@@ -26,18 +26,10 @@ from __future__ import annotations
 import functools
 import json
 
+from ..chat import JINJA_TEMPLATE as CHAT_TEMPLATE
 from ..errors import Lm2Error
 from .runtime import BOS, CHAT_TOKENS, EOS, IM_END, UNK, Tokenizer
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] }}"
-    "{% if message['name'] is defined and message['name'] %}{{ ' name=' + message['name'] }}{% endif %}"
-    "{{ '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 MODEL_MAX_LENGTH = 1_000_000_000_000_000_019_884_624_838_656  # HF's "no limit" (VERY_LARGE_INTEGER)
 
 
