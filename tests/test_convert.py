@@ -110,6 +110,10 @@ def test_transformers_generate_matches_lm2_greedy_with_and_without_cache(tmp_pat
         out = hf.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=tok.pad_id)
     assert [row[width:].tolist() for row in out] == ours
+    # what transformers saves (say after fine-tuning there) comes back into lm2 unchanged
+    hf.save_pretrained(str(tmp_path / "hf-saved"))
+    back = load_model(tmp_path / "hf-saved")
+    assert back.config == m.config and all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
 
 
 def test_dynamic_threshold_travels_in_the_released_form(tmp_path):
