@@ -54,6 +54,7 @@ def worker(m: int, args) -> dict:
     from collections import Counter
 
     from lm2cli.align.frozen import frozen
+    from lm2cli.align.models import frozen_config
     from lm2cli.align.ppo import PPOTrainer, encode_prompts, engine_config
     from lm2cli.align.records import Prompt
     from lm2cli.align.reward_model import RewardModel
@@ -84,8 +85,9 @@ def worker(m: int, args) -> dict:
     actor_cfg, critic_cfg = engine_config(cfg, 1e-5, 100), engine_config(cfg, 1e-5, 100)
     actor = Engine(model(0), actor_cfg, 100, dist)
     critic = Engine(RewardModel(model(1)), critic_cfg, 100, dist)
-    trainer = PPOTrainer(actor, frozen(model(0), dist), critic, frozen(rm, dist), tok, encoded, cfg, None, dist,
-                         Lm2Rollout(cfg, tok.stop_ids, tok.pad_id))
+    _, frozen_ds = frozen_config(cfg.precision, dist.world, zero3=False)
+    trainer = PPOTrainer(actor, frozen(model(0), dist, frozen_ds), critic, frozen(rm, dist, frozen_ds), tok, encoded,
+                         cfg, None, dist, Lm2Rollout(cfg, tok.stop_ids, tok.pad_id))
     trainer.iteration()  # warm-up: thread pools, Adam state
     if device.type == "cuda":
         torch.cuda.synchronize()

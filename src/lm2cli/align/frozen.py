@@ -1,10 +1,10 @@
 """Models that score but never train (PPO's reference and reward model, the reward model's evaluation),
 and how the ranks of an RLHF run share work.
 
-`frozen(model, dist, precision, zero3, offload)` puts a model in the run's precision and either keeps a
-whole copy per rank (ZeRO 0–2 runs: the forward is local) or hands it to DeepSpeed's ZeRO-3 inference
-engine (no optimizer: parameters are partitioned over the ranks and each layer is gathered for its
-forward, optionally from CPU memory with `offload`). A ZeRO-3 frozen model is called *collectively*:
+`frozen(model, dist, ds_config)` puts a model (built by `models.py` for `models.frozen_config`) in the
+run's precision and either keeps a whole copy per rank (ZeRO 0–2 runs: the forward is local) or hands
+it to DeepSpeed's ZeRO-3 inference engine (no optimizer: parameters stay partitioned over the ranks and
+each layer is gathered for its forward, optionally from CPU memory with `offload_param`). A ZeRO-3 frozen model is called *collectively*:
 every rank must run the same number of forwards, which is why work is split into equal shares.
 
     share(n, dist)              this rank's contiguous slice of n items (n must divide evenly)
@@ -12,8 +12,8 @@ every rank must run the same number of forwards, which is why work is split into
     gather_objects(x, dist)     every rank's x, in rank order, on every rank
     frozen_hash(model)          sha256 of a frozen model's weights as it computes (gathered under ZeRO-3)
 
-This module is the RLHF side of H4a's frozen/inference engine in `train/engine.py`; once that lands, the
-DeepSpeed call below moves there.
+`train.engine.Engine(..., trainable=False)` does the same for ZeRO-3; below ZeRO-3 a frozen model here
+stays a plain module (no DeepSpeed wrapper, no ZeRO-1/2 optimizer it would never use).
 """
 
 from __future__ import annotations
@@ -26,25 +26,19 @@ import torch
 from ..errors import InputError
 
 
-def dtype_of(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+def frozen(model: torch.nn.Module, dist, ds_config: dict):
+    """The model ready to score under `ds_config` (`models.frozen_config`): eval mode, no gradients; a
+    ZeRO-3 inference engine when the config is ZeRO-3 (callable like the module; `.module` is the module),
+    else the module itself on the device in the config's dtype."""
+    from ..train.engine import config_zero_stage, run_dtype
 
-
-def frozen(model: torch.nn.Module, dist, precision: str = "fp32", zero3: bool = False, offload: bool = False):
-    """The model ready to score: eval mode, no gradients, in `precision`; a ZeRO-3 inference engine when
-    `zero3` (callable like the module; `.module` is the module), else the module itself on the device."""
     model.requires_grad_(False)
     model.eval()
-    if not zero3:
-        return model.to(device=dist.device, dtype=dtype_of(precision))
+    if config_zero_stage(ds_config) != 3:
+        return model.to(device=dist.device, dtype=run_dtype(ds_config))
     import deepspeed
 
-    zero: dict[str, Any] = {"stage": 3}
-    if offload:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": dist.device.type == "cuda"}
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": dist.world,
-              "bf16": {"enabled": precision == "bf16"}, "zero_optimization": zero, "steps_per_print": 2**31 - 1}
-    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
     engine.eval()
     return engine
 

@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..config import Recipe, examples_dir, to_yaml
 from ..console import log, print_json, progress, warn
 from ..errors import InputError, Lm2Error, WrongArtefact
@@ -125,11 +123,11 @@ def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
     that many local ranks; under a launcher (DeepSpeed's, with a hostfile) every rank runs this."""
     from ..train.engine import init_distributed, launched
     from ..stages import input_tokenizer
-    from ..train.finetune import build_model
     from ..train.loop import fit
     from .frozen import barrier, frozen
-    from .reward_model import (PairStream, RewardModel, encode_pairs, evaluate_distributed, load_reward_model,
-                               make_loss_fn, pair_batches, reward_exporter, split_held_out)
+    from .models import frozen_config, reward_model
+    from .reward_model import (PairStream, encode_pairs, evaluate_distributed, make_loss_fn, pair_batches,
+                               reward_exporter, split_held_out)
 
     cfg = recipe.rlhf.reward
     source = policy_checkpoint(ws, run, from_, allow_reward=True)
@@ -167,10 +165,8 @@ def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
             f"{cfg.tokens_per_batch} tokens from {source}"
             + ("" if cfg.use_conditions else "; condition prompts OFF (ablation)"))
 
-    model = RewardModel(build_model(source, train.seq_len, tok))
-    if is_reward_folder(source):  # continue training a reward model: keep its head
-        with torch.no_grad():
-            model.head.weight.copy_(load_reward_model(source)[0].head.weight)
+    # A reward folder continues with its head; a policy gets a zero head (every score 0 at the start).
+    model = reward_model(source, train, dist, train.seq_len, tok, head="trained" if is_reward_folder(source) else "zero")
     info = {"reward_id": tok.reward_id, "conditions": conditions, "use_conditions": cfg.use_conditions,
             "bound": cfg.barrier_bound, "initialised_from": str(source),
             "head_init": "zero" if not is_reward_folder(source) else "continued"}
@@ -182,7 +178,8 @@ def run_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
                  export=reward_exporter(info))
     # Every rank scores its share of the pairs with the trained weights (final/), sharded as in training.
     del model
-    scorer = frozen(load_reward_model(result.final)[0], dist, train.precision, zero3=train.resolved_zero_stage == 3)
+    _, ds = frozen_config(train.precision, dist.world, zero3=train.resolved_zero_stage == 3)
+    scorer = frozen(reward_model(result.final, train, dist, train.seq_len, tok, head="trained", ds_config=ds), dist, ds)
     ev = evaluate_distributed(scorer, held_batches, dist) if held_batches else {}
     train_ev = evaluate_distributed(scorer, pair_batches(train_pairs[:1024], cfg.tokens_per_batch, tok.pad_id), dist)
     del scorer
@@ -277,16 +274,16 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     """PPO into runs/<run>/rlhf-ppo/ (or `stage_dir`); returns the folder. Every rank runs this (`nproc` > 1
     re-executes as that many local ranks); `plan` takes the ZeRO stage and micro-batch sizes from
     `lm2 plan`'s RLHF layout for this cluster."""
-    from ..convert import load_model, save_model
+    from ..convert import save_model
     from ..tokenizer import Tokenizer
     from ..train.checkpoint import AsyncCheckpointer, restore, step_name
     from ..train.engine import Engine, init_distributed, launched
     from ..stages import input_tokenizer
-    from ..train.finetune import build_model
     from .frozen import barrier, frozen, frozen_hash, whole
+    from .models import frozen_config, policy_model, reward_model
     from .ppo import PPOTrainer, encode_prompts, engine_config
     from .ptx import ptx_source
-    from .reward_model import RewardModel, load_reward_model, reward_exporter
+    from .reward_model import INFO_FILE, reward_exporter
     from .rollout import rollout_backend
 
     t_start = time.perf_counter()
@@ -305,7 +302,7 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     tok = input_tokenizer(ws, policy)
     if Tokenizer.load(reward_path).fingerprint != tok.fingerprint:
         raise InputError(f"the reward model {reward_path} uses another tokenizer than the policy {policy}")
-    rm_module, info = load_reward_model(reward_path)
+    info = json.loads((reward_path / INFO_FILE).read_text()) if (reward_path / INFO_FILE).is_file() else {}
     conditions = info.get("conditions") or dict(recipe.rlhf.conditions)
     prompts, rejected = load_records(data_path, parse_prompt, conditions)
     encoded, too_long = encode_prompts(tok, prompts, conditions, info.get("use_conditions", True), cfg.max_prompt_len)
@@ -318,12 +315,14 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     actor_cfg = engine_config(cfg, cfg.actor_lr, (cfg.iterations - cfg.critic_warmup) * updates)
     critic_cfg = engine_config(cfg, cfg.critic_lr, cfg.iterations * updates)
     seq_len = cfg.max_prompt_len + cfg.max_new_tokens
-    actor = build_model(policy, seq_len, tok)
+    # Every model streamed from its folder into the layout it runs in (align/models.py).
+    actor = policy_model(policy, actor_cfg, dist, seq_len, tok)
     # The critic: the reward model's backbone with a fresh (zero) value head; see ppo.py's docstring.
-    critic = RewardModel(build_model(reward_path, seq_len, tok))
+    critic = reward_model(reward_path, critic_cfg, dist, seq_len, tok, head="zero")
     zero3 = actor_cfg.resolved_zero_stage == 3
-    ref = frozen(load_model(policy), dist, cfg.precision, zero3=zero3 or cfg.frozen_offload, offload=cfg.frozen_offload)
-    rm = frozen(rm_module, dist, cfg.precision, zero3=zero3 or cfg.frozen_offload, offload=cfg.frozen_offload)
+    frozen_cfg, frozen_ds = frozen_config(cfg.precision, dist.world, zero3 or cfg.frozen_offload, cfg.frozen_offload)
+    ref = frozen(policy_model(policy, frozen_cfg, dist, seq_len, tok, frozen_ds), dist, frozen_ds)
+    rm = frozen(reward_model(reward_path, frozen_cfg, dist, seq_len, tok, "trained", frozen_ds), dist, frozen_ds)
     ref_hash = frozen_hash(ref)
     ptx_batches, ptx_desc = ptx_source(ws, cfg, tok, policy, ptx, dist.rank, dist.world)
     actor_engine = Engine(actor, actor_cfg, actor_cfg.max_steps, dist)
