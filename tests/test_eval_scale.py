@@ -220,3 +220,14 @@ def test_eval_ppl_and_needle_on_2_ranks_equal_1_rank(tok, model, tmp_path):
         needle[n] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
         assert json.loads((out / "summary.json").read_text())["ranks"] == n
     assert needle[2] == needle[1]
+
+
+def test_opencompass_nproc_splits_inference_among_workers_and_scores_once():
+    from lm2cli.evaluate.opencompass_runner import build_config
+
+    one, two = build_config({}, [], 1), build_config({}, [], 2)
+    assert one["infer"]["partitioner"]["type"].endswith("NaivePartitioner") and one["infer"]["runner"]["debug"]
+    assert two["infer"]["partitioner"]["type"].endswith("NumWorkerPartitioner")
+    assert two["infer"]["partitioner"]["num_worker"] == 2 == two["infer"]["runner"]["max_num_workers"]
+    assert not two["infer"]["runner"]["debug"]  # worker processes, one GPU each on CUDA
+    assert two["eval"] == one["eval"]  # scoring the gathered predictions runs once
