@@ -39,7 +39,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -96,7 +95,7 @@ WQKV = "model.layers.{i}.attention.wqkv.weight"
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _template(name: str) -> tuple[str, Optional[int]]:
+def _template(name: str) -> tuple[str, int | None]:
     """"model.layers.3.ffn_norm.weight" -> ("model.layers.{i}.ffn_norm.weight", 3)."""
     m = _LAYER.search(name)
     if m is None:
@@ -180,7 +179,7 @@ def _from_llama(items: Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig) -> 
 # config.json, both directions
 
 
-def _rope_from_hf(raw: dict) -> Optional[dict]:
+def _rope_from_hf(raw: dict) -> dict | None:
     """lm2's rope_scaling from `rope_scaling` ({type|rope_type, factor, ...}) or transformers 5's `rope_parameters`."""
     rs = raw.get("rope_scaling") or None
     params = raw.get("rope_parameters")
@@ -240,7 +239,7 @@ def model_config_from_hf(raw: dict, model_type: str) -> ModelConfig:
     )
 
 
-def internlm2_rope(cfg: ModelConfig) -> tuple[Optional[dict], int]:
+def internlm2_rope(cfg: ModelConfig) -> tuple[dict | None, int]:
     """(rope_scaling, max_position_embeddings) in the released InternLM2 form; YaRN is refused."""
     rs = cfg.rope_scaling
     if not rs:
@@ -387,7 +386,7 @@ def _stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, handle.get_tensor(name)
         except (OSError, RuntimeError, SafetensorError) as e:  # a truncated or foreign file
             raise InputError(f"{f} is unreadable ({e}); the checkpoint is corrupt or partial") from None
@@ -402,7 +401,7 @@ def checkpoint_dtype(path: str | Path) -> torch.dtype:
     return DTYPES.get(str(raw.get("torch_dtype") or raw.get("dtype") or "float32"), torch.float32)
 
 
-def load_model(path: str | Path, dtype: Optional[torch.dtype] = None, device=None, **config_overrides) -> InternLM2:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device=None, **config_overrides) -> InternLM2:
     """Any lm2 checkpoint, `final/`, `lm2 export` or released InternLM2 / Llama HF folder -> `InternLM2` (eval mode).
 
     `dtype=None`: fp32 on CPU, the checkpoint's dtype on a GPU. `config_overrides` (e.g.
@@ -445,7 +444,7 @@ def load_model(path: str | Path, dtype: Optional[torch.dtype] = None, device=Non
 # Writing HF folders
 
 
-def parse_size(size: int | str | None) -> Optional[int]:
+def parse_size(size: int | str | None) -> int | None:
     """5_000_000, "5GB", "200MB", "64KB" -> bytes (decimal units, as transformers)."""
     if size is None or isinstance(size, int):
         return size
@@ -456,7 +455,7 @@ def parse_size(size: int | str | None) -> Optional[int]:
     return int(float(m.group(1)) * unit)
 
 
-def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_size: Optional[int]) -> None:
+def _write_weights(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_size: int | None) -> None:
     """One `model.safetensors`, or shards + index when they exceed `max_shard_size` bytes."""
     from safetensors.torch import save_file
 
@@ -496,7 +495,7 @@ def _model_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return next(iter(state.values())).dtype if state else torch.float32
 
 
-def save_model(model, path: str | Path, tokenizer=None, dtype: Optional[torch.dtype] = None,
+def save_model(model, path: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                max_shard_size: int | str | None = None, fmt: str = "internlm2") -> Path:
     """Write `model` (anything with `config` and `state_dict()`) as a complete HF folder.
 
@@ -723,7 +722,7 @@ def write_gguf(model, tokenizer, out: str | Path, dtype: torch.dtype = torch.flo
 # `lm2 export`
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "internlm2", dtype: Optional[str] = None,
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "internlm2", dtype: str | None = None,
                       max_shard_size: int | str | None = "5GB") -> Path:
     """`lm2 export`: an HF folder (internlm2 or llama layout) or a GGUF file of any model lm2 reads."""
     from .layout import staging_dir, write_manifest

@@ -17,7 +17,7 @@ class InternLM2Config(PreTrainedConfig):
     """
 
     model_type = "internlm2"
-    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # noqa: RUF012 (transformers API)
     # transformers 5 turns `rope_scaling` into a property over `rope_parameters` and rewrites it; InternLM2
     # keeps the released {type, factor} form as a plain attribute.
     rope_scaling = None

@@ -141,8 +141,8 @@ class InternLM2PreTrainedModel(PreTrainedModel):
     config_class = InternLM2Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["InternLM2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _no_split_modules = ["InternLM2DecoderLayer"]  # noqa: RUF012 (transformers reads these lists)
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # noqa: RUF012
     _supports_cache_class = True
     _supports_sdpa = True
 
@@ -229,7 +229,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, return_dict=None, logits_to_keep=0, **kwargs):
         cache = cache if cache is not None else past_key_values
         if isinstance(cache, (tuple, list)):
-            raise ValueError("pass the KV cache as a transformers Cache object (e.g. DynamicCache), not tuples")
+            raise TypeError("pass the KV cache as a transformers Cache object (e.g. DynamicCache), not tuples")
         hidden, cache = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache)
         if logits_to_keep:
