@@ -214,3 +214,27 @@ def test_tokenizer_json_alone_is_refused_with_a_reason(tmp_path, built):
 
 def test_counter_is_importable_from_the_package():
     assert isinstance(count_pretokens(["你好 世界"], pretokenizer_pattern(TokenizerConfig())), Counter)
+
+
+def test_a_dummy_prefix_model_converts_too(spm_dir, strings, tmp_path):
+    """Models that prepend `▁` (SentencePiece's default) encode, decode and convert the same way."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import AutoTokenizer
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((spm_dir / "tokenizer.model").read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = True
+    folder = tmp_path / "prefixed"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    (folder / "tokenizer_config.json").write_bytes((spm_dir / "tokenizer_config.json").read_bytes())
+    tok = Tokenizer.load(folder)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    plain = [s for s in strings if "UNUSED_TOKEN" not in s]
+    assert [tok.encode(s) for s in plain] == sp.encode(plain)
+    assert sp.encode("hi", out_type=str)[0].startswith("\u2581")  # the prefix is really there
+    hf = AutoTokenizer.from_pretrained(tok.save(tmp_path / "saved"))
+    assert _ids(hf, strings) == [tok.encode(s, allow_special=True) for s in strings]
+    for s in plain[:300]:
+        assert hf.decode(tok.encode(s)) == tok.decode(tok.encode(s)) == s
