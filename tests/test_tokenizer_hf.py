@@ -238,3 +238,15 @@ def test_a_dummy_prefix_model_converts_too(spm_dir, strings, tmp_path):
     assert _ids(hf, strings) == [tok.encode(s, allow_special=True) for s in strings]
     for s in plain[:300]:
         assert hf.decode(tok.encode(s)) == tok.decode(tok.encode(s)) == s
+
+
+def test_a_folder_without_added_tokens_decoder_names_the_top_spares(spm_dir, tmp_path):
+    import json
+
+    cfg = json.loads((spm_dir / "tokenizer_config.json").read_text())
+    del cfg["added_tokens_decoder"]
+    (tmp_path / "tokenizer.model").write_bytes((spm_dir / "tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    old, new = Tokenizer.load(tmp_path), Tokenizer.load(spm_dir)
+    assert [old.token_to_id(t) for t in CHAT_TOKENS] == [new.token_to_id(t) for t in CHAT_TOKENS]
+    assert old.fingerprint == new.fingerprint

@@ -3,9 +3,11 @@
 The released file is a SentencePiece BPE model with byte fallback (`<0x00>`..`<0xFF>` at ids 3..258),
 `<unk>` `<s>` `</s>` at 0/1/2 and spare pieces `[UNUSED_TOKEN_k]` at the top. `tokenizer_config.json`'s
 `added_tokens_decoder` renames the last six spares to the chat tokens (`<|plugin|>` 92538 ..
-`<|im_start|>` 92543); the model file itself keeps the old names. Special tokens here are the control,
-unknown and user-defined pieces, every `[UNUSED_TOKEN_k]` and whatever `added_tokens_decoder` names;
-the reward token is the one 17 ids below the top (92527, `[UNUSED_TOKEN_130]`).
+`<|im_start|>` 92543); the model file itself keeps the old names, and a folder without that map
+(early chat releases, whose template wrote `[UNUSED_TOKEN_146]`) gets the same names by position.
+Special tokens here are the control, unknown and user-defined pieces, every `[UNUSED_TOKEN_k]` and
+whatever `added_tokens_decoder` names; the reward token is the one 17 ids below the top (92527,
+`[UNUSED_TOKEN_130]`).
 
 Ordinary text goes through SentencePiece unchanged (its normaliser, byte fallback, split digits);
 special tokens are only parsed with `allow_special=True`, as in the tiktoken backend: SentencePiece
@@ -67,6 +69,10 @@ class SentencePieceTokenizer(Tokenizer):
                            "split_digits": bool(proto.trainer_spec.split_digits)}
         renamed = {int(i): _token_content(t) for i, t in (self._config.get("added_tokens_decoder") or {}).items()}
         n = len(proto.pieces)
+        top = range(n - len(CHAT_TOKENS), n)
+        if not set(CHAT_TOKENS) & set(renamed.values()) and all(_UNUSED.fullmatch(proto.pieces[i].piece) for i in top):
+            # early internlm2-chat releases: no added_tokens_decoder, the chat tokens are the top six spares
+            renamed.update(zip(top, CHAT_TOKENS))
         self._pieces: list[bytes] = []
         self._special = {}
         for i, p in enumerate(proto.pieces):
