@@ -133,3 +133,30 @@ def test_activation_checkpointing_on_packed_rows_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_varlen_layout_is_what_the_kernel_expects(monkeypatch):
+    # No flash-attn on CPU: a reference varlen kernel (its documented contract: tokens flattened to
+    # [total, heads, d], int32 cu_seqlens, causal per sequence, fewer KV heads) checks lm2's plumbing.
+    import torch.nn.functional as F
+
+    from lm2cli import attention
+
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+        assert q.shape[1] % k.shape[1] == 0 and cu_q.dtype == torch.int32 and causal
+        calls.append((cu_q.tolist(), max_q))
+        rep = q.shape[1] // k.shape[1]
+        out = torch.empty_like(q)
+        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+            out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: varlen)
+    docs = Documents.from_positions(POS)
+    q, k, v = _qkv(3, 4, 2, 32, seed=9)
+    torch.testing.assert_close(attend(q, k, v, docs=docs, backend="flash"),
+                               attend(q, k, v, docs=docs, backend="dense"), rtol=1e-5, atol=1e-5)
+    assert calls == [([0, 5, 14, 15, 32, 45, 64, 96], 32)]  # row 1 opens mid-document (13 tokens), row 2 is whole
