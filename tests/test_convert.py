@@ -69,6 +69,7 @@ ROPES = {
     "dynamic": {"rope_scaling": {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32}},
     "linear": {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 10000.0},
 }
+YARN = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0}
 
 
 @pytest.mark.timeout(180)
@@ -138,8 +139,7 @@ def test_dynamic_threshold_travels_in_the_released_form(tmp_path):
 
 
 def test_yarn_is_refused_for_internlm2_but_exported_as_llama(tmp_path):
-    yarn = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0}
-    m = tiny(rope_scaling=yarn)
+    m = tiny(rope_scaling=YARN)
     save_model(m, tmp_path / "final", tokenizer=tokenizer())  # a final/ still saves, readable by lm2
     assert not (tmp_path / "final" / "modeling_internlm2.py").exists()
     assert load_model(tmp_path / "final").config == m.config
@@ -149,21 +149,24 @@ def test_yarn_is_refused_for_internlm2_but_exported_as_llama(tmp_path):
     export_checkpoint(tmp_path / "final", tmp_path / "llama", fmt="llama")
     raw = json.loads((tmp_path / "llama" / "config.json").read_text())
     assert raw["rope_scaling"]["rope_type"] == "yarn"
-    assert load_model(tmp_path / "llama").config.rope_scaling == yarn
+    assert load_model(tmp_path / "llama").config.rope_scaling == YARN
 
 
 @pytest.mark.timeout(120)
-def test_llama_export_carries_tokenizer_and_matches_transformers(tmp_path):
+@pytest.mark.parametrize("rope", ["plain", "dynamic", "yarn"])
+def test_llama_export_carries_tokenizer_and_matches_transformers(tmp_path, rope):
     from transformers import LlamaForCausalLM
 
-    m = tiny(seed=5)
+    m = tiny(seed=5, **({"rope_scaling": YARN} if rope == "yarn" else ROPES[rope]))
     save_model(m, tmp_path / "final", tokenizer=tokenizer())
     export_checkpoint(tmp_path / "final", tmp_path / "llama", fmt="llama")
     files = {p.name for p in (tmp_path / "llama").iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "lm2_tokenizer.json", "manifest.json"} <= files
+    assert {"config.json", "model.safetensors", "generation_config.json", "lm2_tokenizer.json", "tokenizer.json",
+            "tokenizer_config.json", "manifest.json"} <= files
+    assert load_model(tmp_path / "llama").config == m.config
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "llama")).eval()
-    ids = torch.randint(0, m.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
+    ids = torch.randint(0, m.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # 60 tokens: past the dynamic threshold (32) and YaRN's original context
         assert (hf(ids).logits - m(ids)).abs().max().item() <= 1e-4
 
 

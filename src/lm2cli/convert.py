@@ -298,10 +298,16 @@ def _lm2_only_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for `LlamaForCausalLM`. transformers' dynamic NTK starts past `max_position_embeddings`
+    (it ignores `original_max_position_embeddings`), so a lower threshold travels as in `internlm2_config`."""
     rs = cfg.rope_scaling
-    rope_scaling = None
-    if rs:
+    rope_scaling, max_pos = None, cfg.max_position_embeddings
+    if rs and rs["type"] == "dynamic":
+        rope_scaling, max_pos = internlm2_rope(cfg)
+        rope_scaling = {"rope_type": "dynamic", "type": "dynamic", "factor": rope_scaling["factor"]}
+    elif rs:
         rope_scaling = {k: v for k, v in rs.items() if k != "type"} | {"rope_type": rs["type"], "type": rs["type"]}
+    extra = {"lm2_max_position_embeddings": cfg.max_position_embeddings} if max_pos != cfg.max_position_embeddings else {}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -312,7 +318,7 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings,
+        "max_position_embeddings": max_pos,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": rope_scaling,
         "rms_norm_eps": cfg.rms_norm_eps,
@@ -325,7 +331,7 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
         "torch_dtype": _dtype_name(dtype),
-    }
+    } | extra
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, str]:
