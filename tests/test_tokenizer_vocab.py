@@ -17,7 +17,13 @@ from lm2cli.cli import app
 from lm2cli.config import TokenizerConfig, load_recipe, to_dict
 from lm2cli.errors import InputError
 from lm2cli.layout import Workspace
-from lm2cli.tokenizer import CHAT_TOKENS, build_vocab, count_pretokens, planned_vocab_size, pretokenizer_pattern
+from lm2cli.tokenizer import (
+    CHAT_TOKENS,
+    build_vocab,
+    count_pretokens,
+    planned_vocab_size,
+    pretokenizer_pattern,
+)
 from lm2cli.tokenizer import vocab as V
 
 RECIPES = ("internlm2-1_8b", "internlm2-7b", "internlm2-20b")
@@ -125,7 +131,7 @@ def chinese_text(n_words: int = 60_000) -> list[str]:
     return [" ".join(w for w in top[i:i + 50] for _ in range(2)) for i in range(0, len(top), 50)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(cfg_json: str, vocab_size: int):
     cfg = TokenizerConfig(**json.loads(cfg_json))
     return build_vocab(cfg, count_pretokens(chinese_text(), pretokenizer_pattern(cfg)), vocab_size=vocab_size)

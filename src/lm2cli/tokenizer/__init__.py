@@ -16,11 +16,43 @@ from __future__ import annotations
 
 import importlib
 
-from .bpe import (CL100K_CACHE_KEY, CL100K_PAT, CL100K_SHA256, CL100K_URL, CONFIG_FILE, MIN_SPARES, RANKS_FILE,
-                  SPLIT_DIGITS_PAT, TiktokenTokenizer, bpe_parts, cl100k_file, dump_ranks, ensure_cl100k_offline,
-                  load_cl100k_ranks, parse_ranks, special_block)
-from .runtime import BOS, CHAT_TOKENS, EOS, IM_END, IM_START, REWARD_FROM_TOP, UNK, Tokenizer, scrub_surrogates
+from .bpe import (
+    CL100K_CACHE_KEY,
+    CL100K_PAT,
+    CL100K_SHA256,
+    CL100K_URL,
+    CONFIG_FILE,
+    MIN_SPARES,
+    RANKS_FILE,
+    SPLIT_DIGITS_PAT,
+    TiktokenTokenizer,
+    bpe_parts,
+    cl100k_file,
+    dump_ranks,
+    ensure_cl100k_offline,
+    load_cl100k_ranks,
+    parse_ranks,
+    special_block,
+)
+from .runtime import (
+    BOS,
+    CHAT_TOKENS,
+    EOS,
+    IM_END,
+    IM_START,
+    REWARD_FROM_TOP,
+    UNK,
+    Tokenizer,
+    scrub_surrogates,
+)
 from .spm import SentencePieceTokenizer
+
+__all__ = [
+    "BOS", "CHAT_TOKENS", "CL100K_CACHE_KEY", "CL100K_PAT", "CL100K_SHA256", "CL100K_URL", "CONFIG_FILE", "EOS",
+    "IM_END", "IM_START", "MIN_SPARES", "RANKS_FILE", "REWARD_FROM_TOP", "SPLIT_DIGITS_PAT", "UNK",
+    "SentencePieceTokenizer", "TiktokenTokenizer", "Tokenizer", "bpe_parts", "cl100k_file", "dump_ranks",
+    "ensure_cl100k_offline", "load_cl100k_ranks", "parse_ranks", "scrub_surrogates", "special_block",
+]
 
 _LAZY = {
     "vocab": ("FIRST_BYTE_ID", "FIRST_MERGED_ID", "ZH_LANGS", "build_vocab", "check_arithmetic", "compression",

@@ -48,7 +48,18 @@ from typing import TYPE_CHECKING
 import tiktoken
 
 from ..errors import InputError, Lm2Error
-from .runtime import BOS, CHAT_TOKENS, EOS, IM_END, IM_START, REWARD_FROM_TOP, UNK, Tokenizer, int_list, scrub_surrogates
+from .runtime import (
+    BOS,
+    CHAT_TOKENS,
+    EOS,
+    IM_END,
+    IM_START,
+    REWARD_FROM_TOP,
+    UNK,
+    Tokenizer,
+    int_list,
+    scrub_surrogates,
+)
 
 if TYPE_CHECKING:
     import numpy as np

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -46,8 +45,16 @@ import tiktoken
 from ..data.prepared import iter_prepared, kept_bytes, prepared_files
 from ..errors import InputError
 from ..tokens import doc_key, held_out
-from .bpe import (CL100K_PAT, CL100K_SHA256, MIN_SPARES, SPLIT_DIGITS_PAT, TiktokenTokenizer, bpe_parts,
-                  load_cl100k_ranks, special_block)
+from .bpe import (
+    CL100K_PAT,
+    CL100K_SHA256,
+    MIN_SPARES,
+    SPLIT_DIGITS_PAT,
+    TiktokenTokenizer,
+    bpe_parts,
+    load_cl100k_ranks,
+    special_block,
+)
 from .runtime import BOS, EOS, UNK, Tokenizer, scrub_surrogates
 
 if TYPE_CHECKING:
