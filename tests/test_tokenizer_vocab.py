@@ -106,7 +106,7 @@ def test_sample_rate_reads_the_prepared_manifest(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_parallel_counts_equal_serial_counts(tmp_path):
-    prep = write_prepared(tmp_path / "prepared", records(seed=7, n_zh=80, n_en=10, n_code=2, n_mixed=20), shards=3)
+    prep = write_prepared(tmp_path / "prepared", records(seed=7, n_zh=80, n_en=10, n_code=2, n_mixed=20), shards=6)
     files = V.prepared_files(prep)
     sample = V.ZhSample((0, 0.05), 0.5)
     pat = pretokenizer_pattern(TokenizerConfig())

@@ -444,17 +444,26 @@ def run_build_vocab(ws: Workspace, recipe: Recipe, *, prepared: Path | None = No
 
 
 def _count_parallel(files: list[Path], pat: str, workers: int, sample: ZhSample) -> Counter:
-    """Pre-token counts of the sampled Chinese text, one shard per task in a process pool; every
-    counter, the merged one included, stays under MAX_PRETOKENS keys."""
+    """Pre-token counts of the sampled Chinese text, one shard per task in a process pool. Results are
+    merged in shard order (so pruning, when it happens, does not depend on timing) with at most two
+    tasks per worker in flight, and every counter stays under MAX_PRETOKENS keys: memory is bounded
+    by the worker count, not by the number of shards."""
     if workers <= 1 or len(files) <= 1:
         return count_pretokens(sample.texts(files), pat)
+    import collections
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     total: Counter = Counter()
+    todo = iter(files)
     with ProcessPoolExecutor(min(workers, len(files)), mp_context=mp.get_context("spawn")) as pool:
-        for c in pool.map(_count_file, [(str(f), pat, sample) for f in files]):
-            merge_counts(total, c)
+        running: collections.deque = collections.deque()
+        for f in itertools.islice(todo, 2 * workers):
+            running.append(pool.submit(_count_file, (str(f), pat, sample)))
+        while running:
+            merge_counts(total, running.popleft().result())
+            for f in itertools.islice(todo, 1):
+                running.append(pool.submit(_count_file, (str(f), pat, sample)))
     return total
 
 
