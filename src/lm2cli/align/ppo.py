@@ -164,6 +164,31 @@ def engine_config(cfg: PPOConfig, lr: float, total_steps: int) -> TrainConfig:
                        activation_checkpointing=cfg.activation_checkpointing)
 
 
+def ppo_layout(cfg: PPOConfig, world: int) -> dict:
+    """What one iteration runs on each of `world` ranks, computed without building anything (`--dry-run`,
+    `lm2 plan`): the rank's prompts, its generation and update micro-batches, optimizer steps, the ZeRO
+    stage of the actor and critic, and how the reference and reward model are held."""
+    from ..errors import InputError
+
+    if cfg.prompts_per_iteration % world:
+        raise InputError(f"rlhf.ppo.prompts_per_iteration {cfg.prompts_per_iteration} does not split over {world} "
+                         f"ranks; use a multiple of {world}")
+    per_rank = cfg.prompts_per_iteration // world
+    minibatches = min(cfg.minibatches, per_rank)
+    rows = math.ceil(per_rank / minibatches)
+    stage = cfg.resolved_zero_stage
+    stage = max(stage, 1) if cfg.precision == "bf16" else stage  # bf16 keeps fp32 master weights: ZeRO >= 1
+    return {"ranks": world, "prompts_per_rank": per_rank, "sequence_length": cfg.max_prompt_len + cfg.max_new_tokens,
+            "generate_batch_size": min(cfg.generate_batch_size, per_rank),
+            "generate_micro_batches": math.ceil(per_rank / cfg.generate_batch_size),
+            "micro_batch_size": min(cfg.micro_batch_size, rows), "minibatch_rows": rows,
+            "micro_batches_per_minibatch": math.ceil(rows / cfg.micro_batch_size),
+            "optimizer_steps_per_iteration": cfg.ppo_epochs * minibatches, "zero_stage": stage,
+            "precision": cfg.precision,
+            "frozen": "zero3-offload" if cfg.frozen_offload else ("zero3" if stage == 3 else "whole"),
+            "rollout_backend": cfg.rollout_backend}
+
+
 def backward_step(engine, loss: torch.Tensor, last: bool) -> Optional[float]:
     """One micro-batch of a minibatch; the optimizer steps after the `last` (returns its grad norm)."""
     engine.ds.set_gradient_accumulation_boundary(last)
