@@ -22,7 +22,7 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-import torch  # noqa: E402
+import torch
 
 
 def main() -> int:
@@ -59,10 +59,10 @@ def main() -> int:
                    for d in torch.linspace(0, 100, args.samples).tolist()]
         conts = [[tok.encode(c) for c in s.choices] for s in samples]
 
-        def five():
+        def five(samples=samples, conts=conts):
             return [N.choice_logprobs(model, s.ids, cs, pad_id=tok.pad_id) for s, cs in zip(samples, conts)]
 
-        def shared():
+        def shared(samples=samples, conts=conts):
             return N.shared_prefix_logprobs(model, [s.ids for s in samples], conts, pad_id=tok.pad_id)
 
         a, b = five(), shared()  # warm-up, and the scores to compare

@@ -204,7 +204,7 @@ def test_eval_ppl_and_needle_on_2_ranks_equal_1_rank(tok, model, tmp_path):
     ws = Workspace.at(tmp_path / "ws")
     ck = _save(model, tok, tmp_path / "ck")
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": ("Pass key %d. " % i) * (3 + 7 * i), "lang": "en"}) + "\n"
+    data.write_text("".join(json.dumps({"text": (f"Pass key {i}. ") * (3 + 7 * i), "lang": "en"}) + "\n"
                             for i in range(9)))
     recipe = load_recipe("tiny", ["eval.batch_size=2", "eval.max_len=64", "eval.needle.depths=[0, 50, 100]",
                                   "eval.needle.max_new_tokens=4"])

@@ -22,8 +22,9 @@ lm2 does not do that today: at the recipes' 1.8B and 7B sizes the bf16 weights (
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

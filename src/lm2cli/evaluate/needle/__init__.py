@@ -21,17 +21,61 @@ The parts: `haystack` (needles, haystacks, samples and their prompts), `score` (
 choice from one shared prefix), `plot` (grids, heatmaps, the table) and `run` (the command).
 """
 
-from .haystack import (TASKS, Encoder, Haystack, LengthTooShort, Sample, Task, build_sample, chat_messages,
-                       chat_prompt, filler_haystack, read_corpus, resolve_haystack)
+from .haystack import (
+                       TASKS,
+                       Encoder,
+                       Haystack,
+                       LengthTooShort,
+                       Sample,
+                       Task,
+                       build_sample,
+                       chat_messages,
+                       chat_prompt,
+                       filler_haystack,
+                       read_corpus,
+                       resolve_haystack,
+)
 from .plot import COLORS, grids, needle_cmap, plot_heatmap, print_table
 from .run import default_name, resolve_config, resolve_template, run_needle
-from .score import (METRICS, choice_logprobs, edit_score, exact_match, levenshtein, score_batch,
-                    shared_prefix_logprobs, trim_prediction)
+from .score import (
+                       METRICS,
+                       choice_logprobs,
+                       edit_score,
+                       exact_match,
+                       levenshtein,
+                       score_batch,
+                       shared_prefix_logprobs,
+                       trim_prediction,
+)
 
 __all__ = [
-    "TASKS", "Encoder", "Haystack", "LengthTooShort", "Sample", "Task", "build_sample", "chat_messages",
-    "chat_prompt", "filler_haystack", "read_corpus", "resolve_haystack", "COLORS", "grids", "needle_cmap",
-    "plot_heatmap", "print_table", "default_name", "resolve_config", "resolve_template", "run_needle", "METRICS",
-    "choice_logprobs", "edit_score", "exact_match", "levenshtein", "score_batch", "shared_prefix_logprobs",
-    "trim_prediction",
+                       "COLORS",
+                       "METRICS",
+                       "TASKS",
+                       "Encoder",
+                       "Haystack",
+                       "LengthTooShort",
+                       "Sample",
+                       "Task",
+                       "build_sample",
+                       "chat_messages",
+                       "chat_prompt",
+                       "choice_logprobs",
+                       "default_name",
+                       "edit_score",
+                       "exact_match",
+                       "filler_haystack",
+                       "grids",
+                       "levenshtein",
+                       "needle_cmap",
+                       "plot_heatmap",
+                       "print_table",
+                       "read_corpus",
+                       "resolve_config",
+                       "resolve_haystack",
+                       "resolve_template",
+                       "run_needle",
+                       "score_batch",
+                       "shared_prefix_logprobs",
+                       "trim_prediction",
 ]

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Protocol
 
 from ...errors import InputError
 from ...layout import Workspace
+
 
 class LengthTooShort(InputError):
     """A grid length cannot hold the needle's instruction, needle and question."""
@@ -259,7 +261,7 @@ def build_sample(
     seed: int = 0,
     buffer: int = 0,
     n_choices: int = 4,
-    bos_id: Optional[int] = None,
+    bos_id: int | None = None,
     template: str = "raw",
 ) -> Sample:
     """One prompt of `length - buffer` counting tokens with the needle at `depth` percent of its haystack.

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 from .score import METRICS
 
 COLORS = ("#F0496E", "#EBB839", "#0CD79F")  # OpenCompass / report Fig. 13, over 0-100
 
 
-def grids(records: list[dict], lengths: list[int], depths: list[float]) -> dict[str, list[list[Optional[float]]]]:
+def grids(records: list[dict], lengths: list[int], depths: list[float]) -> dict[str, list[list[float | None]]]:
     """metric -> [depth][length] mean over repeats, in 0-100."""
     out = {}
     for metric in METRICS:
@@ -23,7 +22,7 @@ def grids(records: list[dict], lengths: list[int], depths: list[float]) -> dict[
     return out
 
 
-def _mean(xs: Optional[list[float]]) -> Optional[float]:
+def _mean(xs: list[float] | None) -> float | None:
     return round(sum(xs) / len(xs), 2) if xs else None
 
 
@@ -33,8 +32,8 @@ def needle_cmap():
     return LinearSegmentedColormap.from_list("needle", list(COLORS))
 
 
-def plot_heatmap(grid: list[list[Optional[float]]], lengths: list[int], depths: list[float], path: Path,
-                 title: str, trained_length: Optional[int] = None, label: str = "score") -> Path:
+def plot_heatmap(grid: list[list[float | None]], lengths: list[int], depths: list[float], path: Path,
+                 title: str, trained_length: int | None = None, label: str = "score") -> Path:
     """Lengths on x, depth on y (0 at the top), 0-100 on the report's red-yellow-green scale."""
     import matplotlib
 
@@ -74,7 +73,7 @@ def _fmt_len(n: int) -> str:
     return f"{n / 1000:g}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
-def print_table(grid: list[list[Optional[float]]], lengths: list[int], depths: list[float], title: str) -> None:
+def print_table(grid: list[list[float | None]], lengths: list[int], depths: list[float], title: str) -> None:
     from rich.table import Table
 
     from ...console import out
@@ -90,7 +89,7 @@ def print_table(grid: list[list[Optional[float]]], lengths: list[int], depths: l
     out.print(table)
 
 
-def _cell(v: Optional[float]) -> str:
+def _cell(v: float | None) -> str:
     if v is None:
         return "-"
     colour = "red" if v < 33.4 else "yellow" if v < 66.7 else "green"

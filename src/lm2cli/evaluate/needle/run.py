@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
 
 from ...config import NeedleConfig, Recipe
 from ...errors import InputError
@@ -21,6 +20,7 @@ from ...layout import Workspace
 from .haystack import TASKS, LengthTooShort, Sample, build_sample, resolve_haystack
 from .plot import grids, plot_heatmap, print_table
 from .score import METRICS, score_batch
+
 
 def resolve_config(base: NeedleConfig, **overrides) -> NeedleConfig:
     """The recipe's `eval.needle` with the command-line overrides that were given (None = not given)."""
@@ -39,7 +39,7 @@ def _counter(cfg: NeedleConfig, model_tok):
     return Tokenizer.default()  # cl100k ids, as CDME counts with tiktoken's gpt-4 encoding
 
 
-def _rope_overrides(cfg: NeedleConfig, eval_default: Optional[dict] = None) -> dict:
+def _rope_overrides(cfg: NeedleConfig, eval_default: dict | None = None) -> dict:
     """--rope-scaling, else eval.needle.rope_scaling, else eval.rope_scaling, else the checkpoint's own."""
     if cfg.rope_scaling is None:
         return {"rope_scaling": dict(eval_default)} if eval_default else {}
@@ -69,17 +69,17 @@ def run_needle(
     ws: Workspace,
     recipe: Recipe,
     run: str = "default",
-    checkpoint: Optional[Path] = None,
+    checkpoint: Path | None = None,
     *,
-    mode: Optional[str] = None,
-    lengths: Optional[list[int]] = None,
-    depths: Optional[list[float]] = None,
-    repeats: Optional[int] = None,
-    rope_scaling: Optional[str] = None,
-    factor: Optional[float] = None,
-    haystack: Optional[str] = None,
-    template: Optional[str] = None,
-    name: Optional[str] = None,
+    mode: str | None = None,
+    lengths: list[int] | None = None,
+    depths: list[float] | None = None,
+    repeats: int | None = None,
+    rope_scaling: str | None = None,
+    factor: float | None = None,
+    haystack: str | None = None,
+    template: str | None = None,
+    name: str | None = None,
     json_out: bool = False,
     nproc: int = 1,
 ) -> Path:

@@ -17,7 +17,7 @@ rounding.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 METRICS = ("exact", "edit", "choice")
 
@@ -57,7 +57,7 @@ def exact_match(mode: str, prediction: str, key: str) -> bool:
     if mode == "passkey":
         m = re.search(r"\d+", prediction)
         return bool(m) and m.group(0) == key  # strings: cl100k chunks digits in threes (SPEC §9.2)
-    norm = lambda s: re.sub(r"\s+", "", s).lower()  # noqa: E731
+    norm = lambda s: re.sub(r"\s+", "", s).lower()
     return norm(key) in norm(prediction)
 
 
