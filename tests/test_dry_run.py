@@ -182,3 +182,24 @@ def test_hostfile_sets_the_world_size(tmp_path):
     hosts.write_text("worker-1 gpus=8\n")
     with pytest.raises(InputError, match="expected `hostname slots=N`"):
         world_size(None, hosts)
+
+
+def test_memory_over_the_gpu_is_a_reason_not_to_start(workspaces):
+    res = dry_run(workspaces["internlm2-7b"], "internlm2-7b", ["pretrain", "--stage", "2", "--nproc", "8"],
+                  "--gpu", "A100-40", "--set", "pretrain.stage2.activation_checkpointing=false")
+    reason = refused(res)
+    assert "per rank, the A100-40 has 40 GiB" in reason
+
+
+def test_plan_picks_the_layout_for_the_gpu_named(workspaces):
+    from lm2cli import plan
+    from lm2cli.config import load_recipe
+
+    ws = workspaces["internlm2-7b"]
+    res = dry_run(ws, "internlm2-7b", ["pretrain", "--stage", "2", "--nproc", "8", "--plan"], "--gpu", "H100-80")
+    assert res.exit_code == 0, res.output[-2000:]
+    chosen = plan.best_layout(load_recipe("internlm2-7b"), plan.cluster(8, 8, "H100-80"), 2).layout
+    ds = json.loads(res.stdout)["deepspeed"]
+    assert ds["zero_optimization"]["stage"] == chosen.zero_stage
+    assert ds["gradient_accumulation_steps"] == chosen.grad_accum
+    assert "--gpu PRESET" in refused(dry_run(ws, "internlm2-7b", ["pretrain", "--stage", "2", "--nproc", "8", "--plan"]))

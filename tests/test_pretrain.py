@@ -17,6 +17,7 @@ from lm2cli.errors import InputError, WrongArtefact
 from lm2cli.layout import read_manifest
 from lm2cli.convert import load_model
 from lm2cli.pretrain import run_pretrain
+from lm2cli.tokens import TokenStore
 from lm2cli.train.engine import clean_env
 from lm2cli.train.loop import read_metrics
 
@@ -70,10 +71,11 @@ def test_three_stages_chain_and_each_one_learns(tokens, tmp_path):
     cfg2 = json.loads((ws.stage_dir("pretrain-stage2") / "final" / "config.json").read_text())
     assert (cfg1["rope_theta"], cfg1["max_position_embeddings"]) == (50_000.0, 64)
     assert (cfg2["rope_theta"], cfg2["max_position_embeddings"]) == (1_000_000.0, 256)
-    assert cfg1["vocab_size"] == cfg2["vocab_size"] == 640  # from the tokenizer: the recipe says 0
+    vocab = TokenStore(ws.tokens).tokenizer().vocab_size
+    assert cfg1["vocab_size"] == cfg2["vocab_size"] == vocab  # from the tokenizer: the recipe says 0
     model = load_model(ws.stage_dir("pretrain-stage3") / "final")
     assert model.config.rope_theta == 1_000_000.0  # stage 3 keeps stage 2's base
-    # Stage 2 starts from stage 1's weights, not from scratch: its first loss is far below ln(640).
+    # Stage 2 starts from stage 1's weights, not from scratch: its first loss is far below ln(vocab).
     first1, first2 = (read_metrics(ws.stage_dir(s) / "metrics.jsonl")[1]["loss"]
                       for s in ("pretrain-stage1", "pretrain-stage2"))
     assert first2 < first1 - 1

@@ -40,6 +40,8 @@ DryRunOpt = typer.Option(False, "--dry-run", help="Resolve the recipe, inputs, m
                          "the real run could start. Nothing is trained or written.")
 HostfileOpt = typer.Option(None, "--hostfile", help="With --dry-run: a DeepSpeed hostfile (`host slots=N` lines) "
                            "whose slots are the world size to check.")
+GpuOpt = typer.Option(None, "--gpu", help="With --dry-run: check the memory per rank against this GPU (A100-40, "
+                      "A100-80, H100-80, H200-141; default: the local GPU, if any).")
 
 
 def _recipe(recipe: str, overrides: Optional[List[str]]):
@@ -223,6 +225,7 @@ def pretrain(
                               "checkpointing from `lm2 plan`'s fastest layout that fits."),
     dry_run: bool = DryRunOpt,
     hostfile: Optional[Path] = HostfileOpt,
+    gpu: Optional[str] = GpuOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Pretrain the InternLM2 architecture with DeepSpeed; writes runs/<run>/pretrain-stage<N>/
@@ -235,7 +238,7 @@ def pretrain(
         from . import dryrun
 
         dryrun.pretrain(Workspace.at(workdir), _recipe(recipe, set_), stage, run=run, from_=from_,
-                        nproc=nproc if nproc > 1 else None, hostfile=hostfile).finish(json_out)
+                        nproc=nproc if nproc > 1 else None, hostfile=hostfile, gpu=gpu, plan=plan).finish(json_out)
         return
     run_pretrain(Workspace.at(workdir), _recipe(recipe, set_), stage, run=run, resume=resume, nproc=nproc,
                  from_=from_, plan=plan, json_out=json_out)
@@ -261,6 +264,7 @@ def extend_context(
     set_: Optional[List[str]] = SetOpt,
     dry_run: bool = DryRunOpt,
     hostfile: Optional[Path] = HostfileOpt,
+    gpu: Optional[str] = GpuOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Extend a checkpoint's context (RoPE base / interpolation / NTK / YaRN) and train at it; writes
@@ -272,7 +276,8 @@ def extend_context(
         from . import dryrun
 
         dryrun.extend_context(Workspace.at(workdir), _recipe(recipe, set_), run, from_=from_, hostfile=hostfile,
-                              method=method, seq_len=seq_len, factor=factor, rope_theta=rope_theta).finish(json_out)
+                              gpu=gpu, method=method, seq_len=seq_len, factor=factor,
+                              rope_theta=rope_theta).finish(json_out)
         return
     run_extend_context(Workspace.at(workdir), _recipe(recipe, set_), run, from_=from_, method=method, seq_len=seq_len,
                        factor=factor, rope_theta=rope_theta, resume=resume, json_out=json_out)
@@ -297,6 +302,7 @@ def sft(
     set_: Optional[List[str]] = SetOpt,
     dry_run: bool = DryRunOpt,
     hostfile: Optional[Path] = HostfileOpt,
+    gpu: Optional[str] = GpuOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Supervised fine-tuning on ChatML conversations, loss on assistant turns only; writes runs/<run>/sft/
@@ -309,7 +315,7 @@ def sft(
         from . import dryrun
 
         dryrun.sft(Workspace.at(workdir), _recipe(recipe, overrides), run, data=data, eval_data=eval_data,
-                   from_=from_, hostfile=hostfile).finish(json_out)
+                   from_=from_, hostfile=hostfile, gpu=gpu).finish(json_out)
         return
     run_sft(Workspace.at(workdir), _recipe(recipe, overrides), run=run, data=data, from_=from_, resume=resume,
             eval_data=eval_data, json_out=json_out)
@@ -404,7 +410,7 @@ def rlhf_reward(
     stage_dir: Optional[Path] = StageDirOpt,
     workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt, dry_run: bool = DryRunOpt, hostfile: Optional[Path] = HostfileOpt,
-    json_out: bool = JsonOpt,
+    gpu: Optional[str] = GpuOpt, json_out: bool = JsonOpt,
 ) -> None:
     """Train the conditional reward model (focal ranking loss + log barrier, score at an appended reward
     token); writes runs/<run>/rlhf-reward/ with held-out accuracy per condition."""
@@ -415,7 +421,7 @@ def rlhf_reward(
         from . import dryrun
 
         dryrun.rlhf_reward(Workspace.at(workdir), _recipe(recipe, set_), run, data=data, from_=from_,
-                           hostfile=hostfile).finish(json_out)
+                           hostfile=hostfile, gpu=gpu).finish(json_out)
         return
     run_reward(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, resume=resume,
                json_out=json_out, stage_dir=stage_dir, nproc=nproc)
@@ -435,7 +441,7 @@ def rlhf_ppo(
     stage_dir: Optional[Path] = StageDirOpt,
     workdir: Optional[Path] = WorkdirOpt, run: str = RunOpt, recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt, dry_run: bool = DryRunOpt, hostfile: Optional[Path] = HostfileOpt,
-    json_out: bool = JsonOpt,
+    gpu: Optional[str] = GpuOpt, json_out: bool = JsonOpt,
 ) -> None:
     """PPO against the frozen conditional reward model (KL-shaped reward, GAE, clipped policy loss, PTX);
     writes runs/<run>/rlhf-ppo/ (metrics.jsonl per iteration, rollouts.jsonl, final/ = the actor)."""
@@ -446,7 +452,7 @@ def rlhf_ppo(
         from . import dryrun
 
         dryrun.rlhf_ppo(Workspace.at(workdir), _recipe(recipe, set_), run, data=data, from_=from_, reward=reward,
-                        hostfile=hostfile).finish(json_out)
+                        hostfile=hostfile, gpu=gpu).finish(json_out)
         return
     run_ppo(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, reward=reward, ptx=ptx,
             resume=resume, json_out=json_out, stage_dir=stage_dir, nproc=nproc, plan=plan)

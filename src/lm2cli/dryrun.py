@@ -51,6 +51,19 @@ class Report:
     writes: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     problems: list = field(default_factory=list)
+    gpu: str = ""  # the device memory is checked against: --gpu's preset, else the local GPU, else none
+    capacity_gib: Optional[float] = None
+    per_node: int = 1
+
+    @classmethod
+    def start(cls, command: str, recipe: Recipe, nproc: Optional[int] = None, hostfile: Optional[Path] = None,
+              gpu: Optional[str] = None) -> "Report":
+        world, per_node = world_size(nproc, hostfile)
+        report = cls(command, recipe.name, world, per_node=per_node)
+        report.gpu, report.capacity_gib = gpu_memory(gpu)
+        if report.capacity_gib is None:
+            report.notes.append("memory per rank not checked against a device (no GPU here; pass --gpu)")
+        return report
 
     @property
     def ok(self) -> bool:
@@ -73,7 +86,7 @@ class Report:
     def to_json(self) -> dict:
         return {"command": self.command, "recipe": self.recipe, "world_size": self.world,
                 "could_start": self.ok, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                          if f.name not in ("command", "recipe", "world")}}
+                                          if f.name not in ("command", "recipe", "world", "per_node")}}
 
     def finish(self, json_out: bool = False) -> "Report":
         if json_out:
@@ -102,6 +115,23 @@ def world_size(nproc: Optional[int] = None, hostfile: Optional[Path] = None) -> 
         return nproc, nproc
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def gpu_memory(gpu: Optional[str]) -> tuple[str, Optional[float]]:
+    """(name, GiB) of `--gpu`'s preset (`lm2 plan`'s table), else of the local GPU, else ("", None)."""
+    from . import plan
+
+    if gpu:
+        for name, preset in plan.GPUS.items():
+            if name.lower() == gpu.lower():
+                return name, preset.memory_gib
+        raise InputError(f"unknown --gpu {gpu!r}; known: {', '.join(plan.GPUS)}")
+    import torch
+
+    if not torch.cuda.is_available():
+        return "", None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, props.total_memory / GiB
 
 
 def parse_hostfile(path: Path) -> dict[str, int]:
@@ -179,10 +209,11 @@ def check_weights(report: Report, source: ModelInput, expected: dict[str, tuple]
         report.problems.append(f"{source.path}: weights lack {missing[0]} ({len(missing)} tensors missing)")
 
 
-def deepspeed_for(report: Report, cfg: TrainConfig) -> None:
+def deepspeed_for(report: Report, cfg: TrainConfig, ds: Optional[dict] = None) -> None:
+    """The DeepSpeed config (`ds`: one `--plan` chose) and whether the world size can run it."""
     from .train.engine import deepspeed_config
 
-    ds = report.attempt(lambda: deepspeed_config(cfg, report.world), "deepspeed")
+    ds = ds or report.attempt(lambda: deepspeed_config(cfg, report.world), "deepspeed")
     if ds is None:
         return
     report.deepspeed = ds
@@ -207,21 +238,15 @@ def memory_for(report: Report, cfg: ModelConfig, train: TrainConfig, role: str =
                          train.activation_checkpointing, hpz, bucket=min(plan.REDUCE_BUCKET, shape.params))
     mem = plan.memory(work, layout)
     entry = {"layout": layout.describe(), "gib": mem.gib()}
-    capacity = _device_gib()
-    if capacity is not None:
-        entry["capacity_gib"] = round(capacity, 1)
-        if mem.total / GiB > capacity:
-            report.problems.append(f"{role}: {layout.describe()} needs {mem.total / GiB:.1f} GiB per rank, the GPU has "
-                                   f"{capacity:.1f} GiB (try `lm2 plan` for a layout that fits)")
     report.memory[role] = entry
+    fits(report, role, layout.describe(), mem.total)
 
 
-def _device_gib() -> Optional[float]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(0).total_memory / GiB
+def fits(report: Report, role: str, layout: str, nbytes: float) -> None:
+    capacity = report.capacity_gib
+    if capacity is not None and nbytes / GiB > capacity:
+        report.problems.append(f"{role}: {layout} needs {nbytes / GiB:.1f} GiB per rank, the {report.gpu} has "
+                               f"{capacity:g} GiB (`lm2 plan` finds a layout that fits)")
 
 
 def token_store(report: Report, ws: Workspace):
@@ -291,13 +316,16 @@ def input_config(report: Report, source: Optional[ModelInput]) -> Optional[Model
 
 
 def pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default", from_: Optional[Path] = None,
-             nproc: Optional[int] = None, hostfile: Optional[Path] = None) -> Report:
+             nproc: Optional[int] = None, hostfile: Optional[Path] = None, gpu: Optional[str] = None,
+             plan: bool = False) -> Report:
     from .pretrain import model_config, stage_config
     from .stages import check_same_tokenizer
 
     cfg = stage_config(recipe, stage)
-    world, _ = world_size(nproc, hostfile)
-    report = Report(f"pretrain --stage {stage}", recipe.name, world)
+    report = Report.start(f"pretrain --stage {stage}", recipe, nproc, hostfile, gpu)
+    ds_config = None
+    if plan:
+        cfg, ds_config = report.attempt(lambda: _planned(report, recipe, stage, cfg), "--plan") or (cfg, None)
     store, tok = token_store(report, ws)
     source = None
     if stage > 1:
@@ -320,19 +348,30 @@ def pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default", fr
     mc = report.attempt(lambda: model_config(recipe, cfg, tok, src_cfg if stage > 1 else None), "model")
     if mc is None:
         mc = model_config(recipe, cfg, None, src_cfg if stage > 1 else None)
-    _finish_training(report, mc, cfg, source, store,
-                     writes=[ws.stage_dir(STAGE_NAMES[stage], run)])
+    _finish_training(report, mc, cfg, source, store, writes=[ws.stage_dir(STAGE_NAMES[stage], run)],
+                     ds_config=ds_config)
     return report
 
 
+def _planned(report: Report, recipe: Recipe, stage: int, cfg: TrainConfig):
+    """`--plan`'s layout for this world size on `--gpu`'s preset (a dry run has no device to detect)."""
+    from . import plan
+    from .pretrain import planned
+
+    if report.gpu not in plan.GPUS:
+        raise InputError("a dry run with --plan needs --gpu PRESET to plan for")
+    return planned(recipe, stage, cfg, report.world, plan.cluster(report.world, report.per_node, report.gpu))
+
+
 def extend_context(ws: Workspace, recipe: Recipe, run: str = "default", from_: Optional[Path] = None,
-                   nproc: Optional[int] = None, hostfile: Optional[Path] = None, **overrides) -> Report:
+                   nproc: Optional[int] = None, hostfile: Optional[Path] = None, gpu: Optional[str] = None,
+                   **overrides) -> Report:
     from .extend_context import KIND, extended_model_config, resolve_config, train_config
     from .pretrain import model_config, stage_config
     from .stages import check_same_tokenizer
 
     ec = resolve_config(recipe.extend_context, **overrides)
-    report = Report("extend-context", recipe.name, world_size(nproc, hostfile)[0])
+    report = Report.start("extend-context", recipe, nproc, hostfile, gpu)
     source = source_model(report, ws, run, from_, PRETRAIN_STAGES, hint="run `lm2 pretrain` first")
     store, tok = token_store(report, ws)
     src_cfg = input_config(report, source)
@@ -349,12 +388,12 @@ def extend_context(ws: Workspace, recipe: Recipe, run: str = "default", from_: O
 
 def sft(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
         eval_data: Optional[Path] = None, from_: Optional[Path] = None, nproc: Optional[int] = None,
-        hostfile: Optional[Path] = None) -> Report:
+        hostfile: Optional[Path] = None, gpu: Optional[str] = None) -> Report:
     from .sft import KIND, data_paths
     from .stages import input_tokenizer
 
     cfg = recipe.sft
-    report = Report("sft", recipe.name, world_size(nproc, hostfile)[0])
+    report = Report.start("sft", recipe, nproc, hostfile, gpu)
     source = source_model(report, ws, run, from_, PRETRAIN_STAGES, hint="run `lm2 pretrain` first")
     paths = report.attempt(lambda: data_paths(cfg, data, eval_data), "sft data")
     if paths:
@@ -398,12 +437,13 @@ def _sft_batch(report: Report, tok, path: Path, cfg, train: TrainConfig) -> Opti
 
 
 def rlhf_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
-                from_: Optional[Path] = None, nproc: Optional[int] = None, hostfile: Optional[Path] = None) -> Report:
+                from_: Optional[Path] = None, nproc: Optional[int] = None, hostfile: Optional[Path] = None,
+                gpu: Optional[str] = None) -> Report:
     from .align.run import REWARD_KIND, data_file
     from .stages import input_tokenizer
 
     cfg = recipe.rlhf.reward
-    report = Report("rlhf reward", recipe.name, world_size(nproc, hostfile)[0])
+    report = Report.start("rlhf reward", recipe, nproc, hostfile, gpu)
     source = source_model(report, ws, run, from_, ("sft",), hint="run `lm2 sft` first")
     path = report.attempt(lambda: data_file(data, "pairs.jsonl", "preference data"))
     if path:
@@ -438,12 +478,12 @@ def _pairs_batch(report: Report, tok, path: Path, recipe: Recipe, train: TrainCo
 
 def rlhf_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
              from_: Optional[Path] = None, reward: Optional[Path] = None, nproc: Optional[int] = None,
-             hostfile: Optional[Path] = None) -> Report:
+             hostfile: Optional[Path] = None, gpu: Optional[str] = None) -> Report:
     from .align.ppo import engine_config
     from .align.run import PPO_KIND, data_file
 
     cfg = recipe.rlhf.ppo
-    report = Report("rlhf ppo", recipe.name, world_size(nproc, hostfile)[0])
+    report = Report.start("rlhf ppo", recipe, nproc, hostfile, gpu)
     policy = source_model(report, ws, run, from_, ("sft",), hint="run `lm2 sft` first")
     rm = source_model(report, ws, run, reward, ("rlhf-reward",), what="--reward", hint="run `lm2 rlhf reward` first")
     if rm is not None:
@@ -485,14 +525,15 @@ def _recipe_chat_model(report: Report, recipe: Recipe) -> ModelConfig:
 
 
 def _finish_training(report: Report, mc: ModelConfig, cfg: TrainConfig, source: Optional[ModelInput], store,
-                     writes: list, batch_done: bool = False, role: str = "model", extra_params: int = 0) -> None:
+                     writes: list, batch_done: bool = False, role: str = "model", extra_params: int = 0,
+                     ds_config: Optional[dict] = None) -> None:
     summary, shapes = meta_model(mc, role)
     summary["params"] += extra_params
     summary["params_b"] = round(summary["params"] / 1e9, 2)
     report.models.append(summary)
     if source is not None:
         check_weights(report, source, shapes)
-    deepspeed_for(report, cfg)
+    deepspeed_for(report, cfg, ds_config)
     memory_for(report, mc, cfg)
     if not batch_done:
         packed_batch(report, store, cfg)
@@ -534,7 +575,7 @@ def show(report: Report) -> None:
         console.print(f"first global batch: {json.dumps(report.batch)}", soft_wrap=True, markup=False)
     for role, m in report.memory.items():
         g = m["gib"]
-        cap = f" of {m['capacity_gib']} GiB" if "capacity_gib" in m else ""
+        cap = f" of {report.capacity_gib:g} GiB ({report.gpu})" if report.capacity_gib else ""
         console.print(f"memory per rank ({role}, {m['layout']}): {g['total']:.1f} GiB{cap} — model states "
                       f"{g['model_states']:.1f}, activations {g['activations']:.1f}, logits {g['logits']:.1f}, "
                       f"buffers {g['buffers']:.1f}", soft_wrap=True)

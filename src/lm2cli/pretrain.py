@@ -89,7 +89,7 @@ def run_pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default"
     dist = init_distributed()
     ds_config = None
     if plan:
-        cfg, ds_config = _planned(recipe, stage, cfg, dist.world)
+        cfg, ds_config = planned(recipe, stage, cfg, dist.world)
     store = TokenStore(ws.tokens)
     tok = store.tokenizer()
     batches = PackedStream.from_store(store, "train", cfg, dist.rank, dist.world)
@@ -108,11 +108,12 @@ def run_pretrain(ws: Workspace, recipe: Recipe, stage: int, run: str = "default"
     return stage_dir
 
 
-def _planned(recipe: Recipe, stage: int, cfg: TrainConfig, world: int) -> tuple[TrainConfig, dict]:
-    """`--plan`: the planner's fastest layout that fits, as the stage's batch split and DeepSpeed config."""
+def planned(recipe: Recipe, stage: int, cfg: TrainConfig, world: int, cluster=None) -> tuple[TrainConfig, dict]:
+    """`--plan`: the planner's fastest layout that fits on `cluster` (default: the one this process runs
+    in), as the stage's batch split and DeepSpeed config."""
     from . import plan as planner
 
-    choice = planner.best_layout(recipe, planner.detect_cluster(), stage)
+    choice = planner.best_layout(recipe, cluster or planner.detect_cluster(), stage)
     lay = choice.layout
     if lay.dp != world:
         raise InputError(f"the plan is for {lay.dp} ranks but this run has {world}")
