@@ -15,7 +15,8 @@ gives lm2's ids exactly:
   by piece score), spaces as `▁`, the dummy prefix where the model adds one, no pre-tokenizer;
   `tokenizer.model` is copied too.
 
-Special tokens are `added_tokens` at their explicit ids (and in the vocabulary, so HF keeps those ids).
+Merges are written "left right" (a space cannot occur inside either form's pieces), which every
+`tokenizers` release reads. Special tokens are `added_tokens` at their explicit ids (and in the vocabulary, so HF keeps those ids).
 The chat template is `lm2cli.chat.JINJA_TEMPLATE`, which renders byte-identically to `chat.render`: BOS,
 then per message `<|im_start|>{role}[ name={name}]\\n{content}<|im_end|>\\n`, then
 `<|im_start|>assistant\\n` with `add_generation_prompt`.
@@ -129,7 +130,7 @@ def _tiktoken_json(tok) -> dict:
     b2u = bytes_to_unicode()
     text = {t: "".join(b2u[b] for b in t) for t in tok._ranks}
     vocab = {text[t]: r for t, r in tok._ranks.items()}
-    merges = [[text[a], text[b]] for a, b in bpe_merges(tok)]
+    merges = [f"{text[a]} {text[b]}" for a, b in bpe_merges(tok)]
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": _added_tokens(tok),
@@ -167,7 +168,10 @@ def _spm_json(tok) -> dict | None:
             priority[p.piece] = (-p.score, i)  # SentencePiece merges the highest-scoring piece first
         elif p.type not in (NORMAL, BYTE, USER_DEFINED):
             continue
-    merges = [[a, b] for a, b in every_split_merges(vocab, priority)]
+    pairs = every_split_merges(vocab, priority)
+    if any(" " in a or " " in b for a, b in pairs):
+        return None  # a piece with a raw space cannot be written in the "left right" merge form
+    merges = [f"{a} {b}" for a, b in pairs]
     normalizers = ([{"type": "Prepend", "prepend": "\u2581"}] if spec.add_dummy_prefix else []) + [
         {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
     decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
