@@ -416,3 +416,52 @@ def test_cli_export_gguf_and_bad_arguments(tmp_path):
     bad = lm2("--format", "onnx", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "unknown export format 'onnx'" in bad.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def _ggml_forward(tensors: dict[str, torch.Tensor], ids: list[int], n_head: int, n_kv: int, base: float,
+                  eps: float) -> torch.Tensor:
+    """llama.cpp's internlm2 graph from the GGUF's tensors, written out: RoPE in GGML's "norm" mode
+    (adjacent pairs (2i, 2i+1) rotate together), GQA head h reading KV head h // (n_head / n_kv)."""
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rope(x):  # [T, heads, d]
+        t, _, d = x.shape
+        theta = torch.arange(t, dtype=torch.float64)[:, None] * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        cos, sin = theta.cos().float()[:, None], theta.sin().float()[:, None]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).reshape(x.shape)
+
+    h = tensors["token_embd.weight"][ids]
+    t = len(ids)
+    for i in range(sum(1 for k in tensors if k.endswith("attn_q.weight"))):
+        p = f"blk.{i}."
+        x = rms(h, tensors[p + "attn_norm.weight"])
+        q = rope((x @ tensors[p + "attn_q.weight"].T).view(t, n_head, -1))
+        k = rope((x @ tensors[p + "attn_k.weight"].T).view(t, n_kv, -1))
+        v = (x @ tensors[p + "attn_v.weight"].T).view(t, n_kv, -1)
+        k, v = (z.repeat_interleave(n_head // n_kv, dim=1) for z in (k, v))
+        att = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+        att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        h = h + torch.einsum("hqk,khd->qhd", att, v).reshape(t, -1) @ tensors[p + "attn_output.weight"].T
+        x = rms(h, tensors[p + "ffn_norm.weight"])
+        gate, up = x @ tensors[p + "ffn_gate.weight"].T, x @ tensors[p + "ffn_up.weight"].T
+        h = h + (torch.nn.functional.silu(gate) * up) @ tensors[p + "ffn_down.weight"].T
+    return rms(h, tensors["output_norm.weight"]) @ tensors["output.weight"].T
+
+
+def test_gguf_tensors_in_llama_cpp_rope_convention_give_lm2_logits(tmp_path):
+    """The q/k permutation is right for llama.cpp's RoPE, not merely invertible: its graph, run on the
+    GGUF's tensors, reproduces lm2's logits."""
+    import gguf
+
+    m = tiny(seed=13)
+    save_model(m, tmp_path / "final", tokenizer=tokenizer())
+    out = export_checkpoint(tmp_path / "final", tmp_path / "m.gguf", fmt="gguf")
+    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in gguf.GGUFReader(str(out)).tensors}
+    ids = tokenizer().encode("The quick brown fox jumps over the lazy dog 12345 times.", bos=True)
+    cfg = m.config
+    ref = _ggml_forward(tensors, ids, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_theta,
+                        cfg.rms_norm_eps)
+    with torch.no_grad():
+        assert (ref - m(torch.tensor([ids]))[0]).abs().max().item() <= 1e-4
