@@ -664,7 +664,7 @@ def run_tokenize(ws: Workspace, recipe: Recipe, *, prepared: Path | None = None,
     """
     from .console import log, print_json
     from .layout import require_input
-    from .tokenizer.vocab import resolve_workers
+    from .data.prepared import resolve_workers
 
     prepared, _ = require_input(prepared or (ws.prepared if ws.prepared.exists() else None), ("prepared",),
                                 "prepared data", "run `lm2 prepare` first or pass --input")

@@ -1,4 +1,5 @@
-"""Reading the prepared artefact (`data/prepared/`): its kept shards and their records.
+"""Reading the prepared artefact (`data/prepared/`): its kept shards, their records, and how many worker
+processes read them.
 
 Shared by the readers of prepared text (`lm2 tokenize`, `lm2 tokenize build-vocab`), so neither
 has to import the other.
@@ -7,6 +8,7 @@ has to import the other.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,3 +44,13 @@ def kept_bytes(prepared: Path, langs: Iterable[str]) -> int | None:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return None
     return sum(int(by_lang.get(lang, {}).get("bytes", 0)) for lang in langs)
+
+
+def resolve_workers(n: int | None) -> int:
+    """`--workers` / `tokenize.workers`: a positive count as given, 0 or None for one per usable core."""
+    if n:
+        return max(1, int(n))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

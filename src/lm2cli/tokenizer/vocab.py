@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import regex
 import tiktoken
 
-from ..data.prepared import iter_prepared, kept_bytes, prepared_files
+from ..data.prepared import iter_prepared, kept_bytes, prepared_files, resolve_workers
 from ..errors import InputError
 from ..tokens import doc_key, held_out
 from .bpe import (
@@ -465,16 +464,6 @@ def _count_parallel(files: list[Path], pat: str, workers: int, sample: ZhSample)
             for f in itertools.islice(todo, 1):
                 running.append(pool.submit(_count_file, (str(f), pat, sample)))
     return total
-
-
-def resolve_workers(n: int | None) -> int:
-    """`--workers` / `tokenize.workers`: a positive count as given, 0 or None for one per usable core."""
-    if n:
-        return max(1, int(n))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _print_report(tok: Tokenizer, stats: dict) -> None:
