@@ -7,7 +7,8 @@ gives lm2's ids exactly:
 * tiktoken backend: byte-level BPE. Vocabulary = lm2's ids (bytes in GPT-2's byte-to-unicode
   alphabet); merges = *every* split of a token into two tokens, ordered by the token's rank. tiktoken
   merges whichever adjacent pair concatenates to the lowest-ranked token, whatever the pair; listing
-  only one "parent" pair per token (what a naive conversion does) can miss merges tiktoken makes.
+  only one "parent" pair per token (what a naive conversion does) misses the rare merge tiktoken
+  makes through another split.
   `ignore_merges` mirrors tiktoken's whole-piece shortcut. The pre-tokenizer is lm2's own pattern
   (split digits or cl100k's), with cl100k's `\\p{N}{1,3}+` written `\\p{N}{1,3}`: HF's regex engine
   (Oniguruma) reads `{1,3}+` as "one or more runs of 1-3", an unbounded digit run.
@@ -16,7 +17,8 @@ gives lm2's ids exactly:
   `tokenizer.model` is copied too.
 
 Merges are written "left right" (a space cannot occur inside either form's pieces), which every
-`tokenizers` release reads. Special tokens are `added_tokens` at their explicit ids (and in the vocabulary, so HF keeps those ids).
+`tokenizers` release reads. Special tokens are `added_tokens` at their explicit ids (and in the
+vocabulary, so HF keeps those ids).
 The chat template is `lm2cli.chat.JINJA_TEMPLATE`, which renders byte-identically to `chat.render`: BOS,
 then per message `<|im_start|>{role}[ name={name}]\\n{content}<|im_end|>\\n`, then
 `<|im_start|>assistant\\n` with `add_generation_prompt`.
