@@ -11,7 +11,8 @@ never sees the padding after it, so the score equals the unpadded sequence's exa
 
 A reward folder (`rlhf-reward/final/`) is a checkpoint folder (`config.json`, `model.safetensors`,
 tokenizer files) plus `reward_head.safetensors` and `reward.json` (reward token, conditions, bound).
-The same class serves as PPO's critic: `values()` gives the head at every position.
+The same class serves as PPO's critic (the RM's backbone with a new, zero head: align/ppo.py): called
+without `lengths` it gives the head at every position.
 """
 
 from __future__ import annotations

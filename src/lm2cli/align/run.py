@@ -7,16 +7,20 @@ lm2 rlhf reward
     writes  runs/<run>/rlhf-reward/: rejected.jsonl, config.yaml, metrics.jsonl, loss.png, checkpoints/,
             final/ (the reward folder: weights, reward_head.safetensors, reward.json, tokenizer),
             eval.json and manifest.json (kind rlhf-reward; stats.eval = held-out accuracy per condition)
-    Training is the shared `fit` with the pairwise loss; a batch is n chosen + n rejected sequences.
+    Training is the shared `fit` with the pairwise loss; a batch is n chosen + n rejected sequences,
+    each rank training its own batches; every rank then evaluates its share of the held-out pairs.
 
 lm2 rlhf ppo
     policy  --from, else runs/<run>/sft/final (actor and frozen reference)
-    reward  --reward, else runs/<run>/rlhf-reward/final (frozen RM; the critic starts as its copy)
+    reward  --reward, else runs/<run>/rlhf-reward/final (frozen RM; the critic = its backbone + a zero head)
     data    --data prompts JSONL, else examples/rlhf/prompts.jsonl; PTX text per ptx.py
     writes  runs/<run>/rlhf-ppo/: rejected.jsonl, config.yaml, metrics.jsonl (one row per iteration),
             rollouts.jsonl (every response with score, gold, KL), ppo.png, checkpoints/ (actor),
             critic/checkpoints/, final/ (the actor) and manifest.json (kind rlhf-ppo)
     `--resume auto` continues from the newest iteration whose actor and critic checkpoints are both whole.
+    Every rank runs the whole loop on its share of each iteration's prompts (ppo.py).
+
+Both take `--nproc N` (re-executed as N local ranks through `relaunch_ranks`) or run under a launcher.
 """
 
 from __future__ import annotations
