@@ -17,6 +17,10 @@ call on 256 tokens (kernel selection, thread pools) that keeps a 16k case from r
     python bench/packed_attention.py                    # 4k, 8k, 16k
     python bench/packed_attention.py --lengths 4096 --repeats 3
 
+`--inference` times the forward alone under no_grad and adds `flex` (FlexAttention compiled for CPU,
+which has no backward there; the compile, tens of seconds, happens in an untimed call at the full
+length): whether CPU inference on packed rows would gain from it.
+
 Targets: at 16k the dense path clearly worse than `segments` in memory and time; `segments` within 2×
 of unpacked causal attention in both.
 """
@@ -58,7 +62,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(t: int, path: str, repeats: int) -> dict:
+def child(t: int, path: str, repeats: int, inference: bool = False) -> dict:
     import torch
 
     from lm2cli.attention import Documents, attend
@@ -68,21 +72,26 @@ def child(t: int, path: str, repeats: int) -> dict:
     pos, n_docs = doc_positions(t)
 
     def inputs(n: int):
-        q = torch.randn(1, HEADS, n, HEAD_DIM, generator=g, requires_grad=True)
-        k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g, requires_grad=True)
-        v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g, requires_grad=True)
+        q = torch.randn(1, HEADS, n, HEAD_DIM, generator=g, requires_grad=not inference)
+        k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g, requires_grad=not inference)
+        v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g, requires_grad=not inference)
         return q, k, v, torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
 
     def run(q, k, v, grad_out, pos):
-        if path == "causal":
-            out = attend(q, k, v, causal=True)
-        else:  # a fresh Documents per call, as each forward builds one (the dense mask included)
-            out = attend(q, k, v, docs=Documents.from_positions(pos), backend=path)
-        out.backward(grad_out)
-        q.grad = k.grad = v.grad = None
+        with torch.set_grad_enabled(not inference):
+            if path == "causal":
+                out = attend(q, k, v, causal=True)
+            else:  # a fresh Documents per call, as each forward builds one (the dense mask included)
+                out = attend(q, k, v, docs=Documents.from_positions(pos), backend=path)
+        if not inference:
+            out.backward(grad_out)
+            q.grad = k.grad = v.grad = None
 
-    run(*inputs(256), torch.cat([torch.arange(100), torch.arange(156)])[None])  # warm-up
     case = inputs(t)
+    if path == "flex":  # compiled for this exact shape: warm up at the full length
+        run(*case, pos)
+    else:
+        run(*inputs(256), torch.cat([torch.arange(100), torch.arange(156)])[None])  # warm-up
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
     before = _rss_kib("VmRSS")
     best = float("inf")
@@ -98,27 +107,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per case (the best counts)")
+    ap.add_argument("--inference", action="store_true", help="forward only, no_grad; adds FlexAttention")
     ap.add_argument("--child", nargs=2, metavar=("T", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(int(a.child[0]), a.child[1], a.repeats)))
+        print(json.dumps(child(int(a.child[0]), a.child[1], a.repeats, a.inference)))
         return
+    paths = PATHS + ("flex",) if a.inference else PATHS
     rows = {}
     for t in a.lengths:
-        for path in PATHS:
-            p = subprocess.run([sys.executable, __file__, "--child", str(t), path, "--repeats", str(a.repeats)],
+        for path in paths:
+            p = subprocess.run([sys.executable, __file__, "--child", str(t), path, "--repeats", str(a.repeats)]
+                               + (["--inference"] if a.inference else []),
                                capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **_env()})
             if p.returncode != 0:
                 sys.exit(f"{path} at T={t} failed:\n{p.stderr[-2000:]}")
             rows[t, path] = json.loads(p.stdout.strip().splitlines()[-1])
             r = rows[t, path]
             print(f"  T={t:>6} {path:<9} {r['seconds']:8.3f} s {r['peak_mib']:9.1f} MiB", file=sys.stderr, flush=True)
-    print(f"packed attention, fwd+bwd, fp32, 1 thread, {HEADS} q / {KV_HEADS} kv heads × {HEAD_DIM}; "
+    print(f"packed attention, {'forward (no_grad)' if a.inference else 'fwd+bwd'}, fp32, 1 thread, "
+          f"{HEADS} q / {KV_HEADS} kv heads × {HEAD_DIM}; "
           f"ratios against unpacked causal attention at the same T")
     print(f"{'T':>6}  {'docs':>4}  {'path':<9} {'time s':>8} {'× causal':>9} {'peak MiB':>9} {'× causal':>9}")
     for t in a.lengths:
         base = rows[t, "causal"]
-        for path in PATHS:
+        for path in paths:
             r = rows[t, path]
             print(f"{t:>6}  {r['docs']:>4}  {path:<9} {r['seconds']:8.3f} {r['seconds'] / base['seconds']:9.2f} "
                   f"{r['peak_mib']:9.1f} {r['peak_mib'] / max(base['peak_mib'], 1e-9):9.2f}")

@@ -176,22 +176,33 @@ _SDPA_GQA = _sdpa_has_gqa()
 
 
 def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query head g*qpk+s reads KV head g: repeat the KV heads (SDPA's fused CPU kernels want equal heads)."""
+    """Query head g*qpk+s reads KV head g: repeat the KV heads."""
     qpk = q.shape[1] // k.shape[1]
     if qpk == 1:
         return k, v
     return k.repeat_interleave(qpk, dim=1), v.repeat_interleave(qpk, dim=1)
 
 
+def _shared_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_place: bool):
+    """(k, v, SDPA kwargs) for GQA: SDPA reads the shared KV heads in place where that keeps a fused kernel
+    (decoding; CPU, where its flash kernel takes `enable_gqa` at the same speed without the qpk× copy),
+    else the heads are repeated (CUDA's memory-efficient kernel, used for fp32, has no GQA)."""
+    if q.shape[1] == k.shape[1]:
+        return k, v, {}
+    if in_place and _SDPA_GQA:
+        return k, v, {"enable_gqa": True}
+    return *_expand_kv(q, k, v), {}
+
+
 def _segments(q, k, v, docs: Documents) -> torch.Tensor:
-    k, v = _expand_kv(q, k, v)
+    k, v, gqa = _shared_kv(q, k, v, in_place=q.device.type == "cpu")
     rows = []
     for r, spans in enumerate(docs.segments()):
         if len(spans) == 1:
-            rows.append(F.scaled_dot_product_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], is_causal=True))
+            rows.append(F.scaled_dot_product_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], is_causal=True, **gqa))
             continue
         parts = [F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e], v[r:r + 1, :, s:e],
-                                                is_causal=True) for s, e in spans]
+                                                is_causal=True, **gqa) for s, e in spans]
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
 
@@ -240,13 +251,8 @@ def attend(
     if causal and 1 < tq < tkv:  # a chunk of queries after cached keys: SDPA's is_causal aligns top-left
         idx = torch.arange(tkv, device=q.device)
         mask, causal = (idx[None, :] <= idx[tkv - tq:, None])[None, None], False
-    if tkv > tq and q.shape[1] != k.shape[1] and _SDPA_GQA:
-        # Decoding: SDPA reads the shared KV heads in place instead of copying the whole cache qpk times
-        # every step (the same numbers; ~2x faster attention on CPU).
-        gqa = {"enable_gqa": True}
-    else:
-        k, v = _expand_kv(q, k, v)
-        gqa = {}
+    # Decoding reads the shared KV heads in place instead of copying the whole cache qpk times every step.
+    k, v, gqa = _shared_kv(q, k, v, in_place=tkv > tq or q.device.type == "cpu")
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal and tq > 1, **gqa)
