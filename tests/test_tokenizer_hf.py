@@ -11,7 +11,7 @@ from _released import example_texts, train_spm
 from _tok_corpus import ADVERSARIAL, CODE, EN, ZH
 
 from lm2cli.chat import render
-from lm2cli.config import TokenizerConfig
+from lm2cli.config import TokenizerConfig, load_recipe
 from lm2cli.tokenizer import CHAT_TOKENS, Tokenizer, build_vocab, count_pretokens, pretokenizer_pattern
 from lm2cli.tokenizer.hf import CHAT_TEMPLATE, hf_pattern
 
@@ -45,8 +45,8 @@ def strings():
 
 @pytest.fixture(scope="module")
 def built():
-    """A vocabulary built the recipes' way (split digits, Chinese block), at a test size."""
-    cfg = TokenizerConfig(n_en=3000, n_zh=600, n_spare=147, pad_multiple=128)
+    """The tiny recipe's vocabulary (split digits, a Chinese block), built on the examples' Chinese text."""
+    cfg = load_recipe("tiny").tokenizer
     zh = [t for t in example_texts() if any("\u4e00" <= c <= "\u9fff" for c in t)] + ZH * 4
     return build_vocab(cfg, count_pretokens(zh, pretokenizer_pattern(cfg)))[0]
 
