@@ -120,6 +120,16 @@ def train_spm(out: Path, texts: list[str] | None = None) -> Path:
     return out
 
 
+_SESSION: dict[str, Path] = {}
+
+
+def session_spm(tmp_path_factory) -> Path:
+    """`train_spm` once per test session (pytest's session-wide `tmp_path_factory`), shared by modules."""
+    if "spm" not in _SESSION:
+        _SESSION["spm"] = train_spm(tmp_path_factory.mktemp("released-spm"))
+    return _SESSION["spm"]
+
+
 def released_folder(out: Path, spm_dir: Path, seed: int = 0, max_shard_size: int = 200_000) -> Path:
     """A released-style InternLM2 folder: sharded bf16 safetensors + index, config.json, tokenizer.model,
     tokenizer_config.json; nothing lm2-specific."""

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from _released import TINY, VOCAB, released_folder, train_spm
+from _released import TINY, VOCAB, released_folder, session_spm
 from typer.testing import CliRunner
 
 from lm2cli.cli import app
@@ -19,7 +19,7 @@ from lm2cli.tokenizer import Tokenizer
 
 @pytest.fixture(scope="session")
 def released(tmp_path_factory):
-    spm = train_spm(tmp_path_factory.mktemp("released-spm"))
+    spm = session_spm(tmp_path_factory)
     return released_folder(tmp_path_factory.mktemp("released") / "internlm2-tiny", spm)
 
 

@@ -7,7 +7,7 @@ import random
 from collections import Counter
 
 import pytest
-from _released import example_texts, train_spm
+from _released import example_texts, session_spm
 from _tok_corpus import ADVERSARIAL, CODE, EN, ZH
 
 from lm2cli.chat import render
@@ -150,9 +150,9 @@ def test_apply_chat_template_is_byte_identical_to_render(built_pair, conv, gen):
 # SentencePiece backend (a released-style tokenizer.model, trained on the examples)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def spm_dir(tmp_path_factory):
-    return train_spm(tmp_path_factory.mktemp("spm"))
+    return session_spm(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
