@@ -10,7 +10,7 @@ every rank must run the same number of forwards, which is why work is split into
     share(n, dist)              this rank's contiguous slice of n items (n must divide evenly)
     padded_share(items, dist)   this rank's items of a list, padded (by repeating) to an equal count
     gather_objects(x, dist)     every rank's x, in rank order, on every rank
-    frozen_hash(model)          sha256 of a frozen model's weights as it computes (gathered under ZeRO-3)
+    frozen_hash(model, dist)    sha256 of a frozen model's weights as it computes (one tensor gathered at a time)
 
 `train.engine.Engine(..., trainable=False)` does the same for ZeRO-3; below ZeRO-3 a frozen model here
 stays a plain module (no DeepSpeed wrapper, no ZeRO-1/2 optimizer it would never use).
@@ -65,12 +65,33 @@ def whole(model) -> Iterator[torch.nn.Module]:
         yield module
 
 
-def frozen_hash(model) -> str:
-    """sha256 over the weights (names and bytes, in order) as the model computes with them."""
-    from .ppo import state_hash
+def frozen_hash(model, dist) -> str:
+    """sha256 over the weights (names and bytes, in name order, as `ppo.state_hash`) as the model computes
+    with them; under ZeRO-3 each tensor is gathered alone, so no rank holds the whole model. Collective;
+    the digest is rank 0's (other ranks return "")."""
+    import hashlib
 
-    with whole(model) as module:
-        return state_hash(module)
+    module = module_of(model)
+    tensors = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    h = hashlib.sha256()
+    for name in sorted(module.state_dict().keys()):
+        t = tensors[name]
+        with whole_tensor(t):
+            if dist.is_main:
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest() if dist.is_main else ""
+
+
+@contextlib.contextmanager
+def whole_tensor(t: torch.Tensor) -> Iterator[None]:
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------

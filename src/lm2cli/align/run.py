@@ -327,7 +327,7 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     frozen_cfg, frozen_ds = frozen_config(cfg.precision, dist.world, zero3 or cfg.frozen_offload, cfg.frozen_offload)
     ref = frozen(policy_model(policy, frozen_cfg, dist, seq_len, tok, frozen_ds), dist, frozen_ds)
     rm = frozen(reward_model(reward_path, frozen_cfg, dist, seq_len, tok, "trained", frozen_ds), dist, frozen_ds)
-    ref_hash = frozen_hash(ref)
+    ref_hash = frozen_hash(ref, dist)
     ptx_batches, ptx_desc = ptx_source(ws, cfg, tok, policy, ptx, dist.rank, dist.world)
     actor_engine = Engine(actor, actor_cfg, actor_cfg.max_steps, dist)
     critic_engine = Engine(critic, critic_cfg, critic_cfg.max_steps, dist)
@@ -382,7 +382,7 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     for saver in savers:
         saver.wait()
 
-    if frozen_hash(ref) != ref_hash:
+    if frozen_hash(ref, dist) != ref_hash:
         raise Lm2Error("the reference model changed during PPO; this is a bug")
     final = stage_dir / "final"
     stats = None
