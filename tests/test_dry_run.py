@@ -133,6 +133,7 @@ def test_the_command_exits_2_with_one_line_on_stderr(tmp_path):
     (["pretrain", "--stage", "2", "--nproc", "8"], ["--set", "pretrain.stage2.hpz_partition_size=3"],
      "world size 8 is not a multiple of hpz_partition_size 3"),
     (["sft"], ["--data", "nope.jsonl"], "nope.jsonl does not exist"),
+    (["rlhf", "ppo", "--nproc", "8"], ["--set", "rlhf.ppo.prompts_per_iteration=500"], "does not split over 8 ranks"),
 ])
 def test_a_run_that_could_not_start_exits_nonzero_with_its_reason(args, extra, reason, workspaces):
     res = dry_run(workspaces["internlm2-1_8b"], "internlm2-1_8b", args, *extra)
@@ -184,6 +185,19 @@ def test_hostfile_sets_the_world_size(tmp_path):
         world_size(None, hosts)
 
 
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("recipe", ["internlm2-1_8b", "internlm2-7b"])
+def test_the_1_8b_and_7b_recipes_fit_8_gpus_of_80_gb_at_every_stage(recipe, workspaces, eight_gpus):
+    """Issue 15's sizing: every command's memory per rank (lm2 plan's model of this layout) within an A100-80."""
+    for name, args in COMMANDS.items():
+        res = dry_run(workspaces[recipe], recipe, args, "--gpu", "A100-80",
+                      hostfile=None if name.startswith("pretrain") else eight_gpus)
+        assert res.exit_code == 0, f"{name}: {res.output[-2000:]}"
+        report = json.loads(res.stdout)
+        assert report["gpu"] == "A100-80" and report["capacity_gib"] == 80.0
+        assert all(m["gib"]["total"] <= 80.0 for m in report["memory"].values()), (name, report["memory"])
+
+
 def test_memory_over_the_gpu_is_a_reason_not_to_start(workspaces):
     res = dry_run(workspaces["internlm2-7b"], "internlm2-7b", ["pretrain", "--stage", "2", "--nproc", "8"],
                   "--gpu", "A100-40", "--set", "pretrain.stage2.activation_checkpointing=false")
@@ -203,3 +217,13 @@ def test_plan_picks_the_layout_for_the_gpu_named(workspaces):
     assert ds["zero_optimization"]["stage"] == chosen.zero_stage
     assert ds["gradient_accumulation_steps"] == chosen.grad_accum
     assert "--gpu PRESET" in refused(dry_run(ws, "internlm2-7b", ["pretrain", "--stage", "2", "--nproc", "8", "--plan"]))
+
+
+def test_ppo_refuses_a_reward_model_as_policy_and_a_policy_as_reward_model(workspaces):
+    ws = workspaces["internlm2-1_8b"]
+    res = dry_run(ws, "internlm2-1_8b", ["rlhf", "ppo"], "--from", str(ws.stage_dir("rlhf-reward")),
+                  "--reward", str(ws.stage_dir("sft")))
+    refused(res)
+    problems = json.loads(res.stdout)["problems"]
+    assert any("is a reward model; the policy starts from an SFT checkpoint" in p for p in problems)
+    assert any("is a plain checkpoint (no reward head)" in p for p in problems)

@@ -421,7 +421,7 @@ def rlhf_reward(
         from . import dryrun
 
         dryrun.rlhf_reward(Workspace.at(workdir), _recipe(recipe, set_), run, data=data, from_=from_,
-                           hostfile=hostfile, gpu=gpu).finish(json_out)
+                           nproc=nproc if nproc > 1 else None, hostfile=hostfile, gpu=gpu).finish(json_out)
         return
     run_reward(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, resume=resume,
                json_out=json_out, stage_dir=stage_dir, nproc=nproc)
@@ -452,7 +452,7 @@ def rlhf_ppo(
         from . import dryrun
 
         dryrun.rlhf_ppo(Workspace.at(workdir), _recipe(recipe, set_), run, data=data, from_=from_, reward=reward,
-                        hostfile=hostfile, gpu=gpu).finish(json_out)
+                        nproc=nproc if nproc > 1 else None, hostfile=hostfile, gpu=gpu).finish(json_out)
         return
     run_ppo(Workspace.at(workdir), _recipe(recipe, set_), run=run, data=data, from_=from_, reward=reward, ptx=ptx,
             resume=resume, json_out=json_out, stage_dir=stage_dir, nproc=nproc, plan=plan)

@@ -265,8 +265,6 @@ def token_store(report: Report, ws: Workspace):
 def packed_batch(report: Report, store, cfg: TrainConfig) -> None:
     """The first global batch of the packed stream (all ranks' micro-batches of one optimizer step): the
     same samples the ranks draw, since sample k's source and contents depend on k alone."""
-    import numpy as np
-
     from .train.data import IGNORE_INDEX, PackedStream
 
     per_step = cfg.micro_batch_size * cfg.grad_accum * report.world
@@ -290,7 +288,7 @@ def packed_batch(report: Report, store, cfg: TrainConfig) -> None:
         docs += int((b["position_ids"] == 0).sum())
         long_ += sum(stream.is_long(k) for k in range(first, stream.sample))
     batch.update(source=str(store.path), target_tokens=targets, document_pieces=docs, long_sequences=long_,
-                 short_sequences=per_step - long_, dtype=str(np.dtype("int64")))
+                 short_sequences=per_step - long_)
     report.batch = batch
 
 
@@ -366,7 +364,7 @@ def _planned(report: Report, recipe: Recipe, stage: int, cfg: TrainConfig):
 def extend_context(ws: Workspace, recipe: Recipe, run: str = "default", from_: Optional[Path] = None,
                    nproc: Optional[int] = None, hostfile: Optional[Path] = None, gpu: Optional[str] = None,
                    **overrides) -> Report:
-    from .extend_context import KIND, extended_model_config, resolve_config, train_config
+    from .extend_context import KIND, extended_model_config, refuse_other_setting, resolve_config, train_config
     from .pretrain import model_config, stage_config
     from .stages import check_same_tokenizer
 
@@ -381,6 +379,7 @@ def extend_context(ws: Workspace, recipe: Recipe, run: str = "default", from_: O
     if source is not None and tok is not None:
         report.attempt(lambda: check_same_tokenizer(source, tok, src_cfg.vocab_size))
     mc = report.attempt(lambda: extended_model_config(src_cfg, ec), "extend_context") or src_cfg
+    report.attempt(lambda: refuse_other_setting(ws.stage_dir(KIND, run), mc, "auto"))
     cfg = train_config(ec, src_cfg.max_position_embeddings)
     _finish_training(report, mc, cfg, source, store, writes=[ws.stage_dir(KIND, run)])
     return report
@@ -439,7 +438,7 @@ def _sft_batch(report: Report, tok, path: Path, cfg, train: TrainConfig) -> Opti
 def rlhf_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
                 from_: Optional[Path] = None, nproc: Optional[int] = None, hostfile: Optional[Path] = None,
                 gpu: Optional[str] = None) -> Report:
-    from .align.run import REWARD_KIND, data_file
+    from .align.run import REWARD_KIND, data_file, reward_train_config
     from .stages import input_tokenizer
 
     cfg = recipe.rlhf.reward
@@ -451,15 +450,17 @@ def rlhf_reward(ws: Workspace, recipe: Recipe, run: str = "default", data: Optio
     src_cfg = input_config(report, source) or _recipe_chat_model(report, recipe)
     tok = report.attempt(lambda: input_tokenizer(ws, source.path if source else ws.tokenizer), "tokenizer")
     mc = dataclasses.replace(src_cfg, max_position_embeddings=max(cfg.train.seq_len, src_cfg.max_position_embeddings))
-    train = dataclasses.replace(cfg.train, micro_batch_size=max(1, cfg.tokens_per_batch // cfg.train.seq_len))
-    if path and tok is not None:
-        _pairs_batch(report, tok, path, recipe, train)
+    batches = _pairs_batch(report, tok, path, recipe, cfg.train) if path and tok is not None else None
+    train = reward_train_config(cfg, batches or 1, report.world)
+    if batches:
+        report.batch["steps"] = train.max_steps
     _finish_training(report, mc, train, source, None, writes=[ws.stage_dir(REWARD_KIND, run)], batch_done=True,
                      role="reward model", extra_params=mc.hidden_size)
     return report
 
 
-def _pairs_batch(report: Report, tok, path: Path, recipe: Recipe, train: TrainConfig) -> None:
+def _pairs_batch(report: Report, tok, path: Path, recipe: Recipe, train: TrainConfig) -> Optional[int]:
+    """The first batch of the pair stream; returns the batches per epoch."""
     from .align.records import load_records, parse_pair
     from .align.reward_model import encode_pairs, token_budget_groups
 
@@ -468,29 +469,27 @@ def _pairs_batch(report: Report, tok, path: Path, recipe: Recipe, train: TrainCo
     encoded, too_long = encode_pairs(tok, pairs, dict(recipe.rlhf.conditions), train.seq_len, cfg.use_conditions)
     if not encoded:
         report.problems.append(f"{path} has no usable preference pair ({len(rejected) + len(too_long)} rejected)")
-        return
-    group = token_budget_groups(encoded, cfg.tokens_per_batch)[0]
-    width = max(p.width for p in group)
+        return None
+    groups = token_budget_groups(encoded, cfg.tokens_per_batch)
+    width = max(p.width for p in groups[0])
     report.batch = {"source": str(path), "pairs": len(encoded), "rejected": len(rejected) + len(too_long),
-                    "tokens_per_batch": cfg.tokens_per_batch, "first_batch": [2 * len(group), width],
-                    "grad_accum": train.grad_accum, "ranks": report.world}
+                    "tokens_per_batch": cfg.tokens_per_batch, "first_batch": [2 * len(groups[0]), width],
+                    "batches_per_epoch": len(groups), "grad_accum": train.grad_accum, "ranks": report.world}
+    return len(groups)
 
 
 def rlhf_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path] = None,
              from_: Optional[Path] = None, reward: Optional[Path] = None, nproc: Optional[int] = None,
              hostfile: Optional[Path] = None, gpu: Optional[str] = None) -> Report:
-    from .align.ppo import engine_config
+    from . import plan
+    from .align.ppo import engine_config, ppo_layout
     from .align.run import PPO_KIND, data_file
 
     cfg = recipe.rlhf.ppo
     report = Report.start("rlhf ppo", recipe, nproc, hostfile, gpu)
     policy = source_model(report, ws, run, from_, ("sft",), hint="run `lm2 sft` first")
     rm = source_model(report, ws, run, reward, ("rlhf-reward",), what="--reward", hint="run `lm2 rlhf reward` first")
-    if rm is not None:
-        from .align.reward_model import is_reward_folder
-
-        if not is_reward_folder(rm.path):
-            report.problems.append(f"--reward {rm.path} is a plain checkpoint (no reward head)")
+    _check_ppo_models(report, ws, policy, rm)
     path = report.attempt(lambda: data_file(data, "prompts.jsonl", "PPO prompts"))
     if path:
         report.read("prompts", path, True)
@@ -508,13 +507,36 @@ def rlhf_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional
         if src is not None:
             check_weights(report, src, shapes)
     deepspeed_for(report, train)
-    memory_for(report, actor, train, "actor")
-    memory_for(report, rm_cfg, train, "critic")
-    report.batch = {"prompts_per_iteration": cfg.prompts_per_iteration, "max_prompt_len": cfg.max_prompt_len,
-                    "max_new_tokens": cfg.max_new_tokens, "rollout_tokens": cfg.prompts_per_iteration * length,
-                    "iterations": cfg.iterations}
+    per_rank = report.attempt(lambda: ppo_layout(cfg, report.world)) or {}
+    report.batch = {"prompts_per_iteration": cfg.prompts_per_iteration, "rollout_tokens": cfg.prompts_per_iteration
+                    * length, "iterations": cfg.iterations, **per_rank}
+    # lm2 plan's PPO model: the four models' resident states plus the larger of the rollout and update phases.
+    layout = plan.RLHFLayout(report.world, per_rank.get("zero_stage", train.resolved_zero_stage),
+                             cfg.micro_batch_size, cfg.generate_batch_size, cfg.activation_checkpointing,
+                             cfg.frozen_offload)
+    mem = plan.rlhf_memory(dataclasses.replace(recipe, model=pol_cfg), layout)
+    report.memory["ppo"] = {"layout": layout.describe(), "gib": mem.gib()}
+    fits(report, "ppo", layout.describe(), mem.total)
     report.writes = [str(ws.stage_dir(PPO_KIND, run))]
     return report
+
+
+def _check_ppo_models(report: Report, ws: Workspace, policy: Optional[ModelInput], rm: Optional[ModelInput]) -> None:
+    """The refusals `rlhf ppo` makes before building anything: a reward model as the policy, a policy as the
+    reward model, and the two on different tokenizers."""
+    from .align.reward_model import is_reward_folder
+    from .stages import input_tokenizer
+
+    if policy is not None and is_reward_folder(policy.path):
+        report.problems.append(f"--from {policy.path} is a reward model; the policy starts from an SFT checkpoint")
+    if rm is not None and not is_reward_folder(rm.path):
+        report.problems.append(f"--reward {rm.path} is a plain checkpoint (no reward head); expected the output "
+                               "of `lm2 rlhf reward`")
+    if policy is not None and rm is not None:
+        ours = report.attempt(lambda: input_tokenizer(ws, policy), "policy tokenizer")
+        theirs = report.attempt(lambda: input_tokenizer(ws, rm), "reward tokenizer")
+        if ours is not None and theirs is not None and ours.fingerprint != theirs.fingerprint:
+            report.problems.append(f"the reward model {rm.path} uses another tokenizer than the policy {policy.path}")
 
 
 def _recipe_chat_model(report: Report, recipe: Recipe) -> ModelConfig:
@@ -576,9 +598,8 @@ def show(report: Report) -> None:
     for role, m in report.memory.items():
         g = m["gib"]
         cap = f" of {report.capacity_gib:g} GiB ({report.gpu})" if report.capacity_gib else ""
-        console.print(f"memory per rank ({role}, {m['layout']}): {g['total']:.1f} GiB{cap} — model states "
-                      f"{g['model_states']:.1f}, activations {g['activations']:.1f}, logits {g['logits']:.1f}, "
-                      f"buffers {g['buffers']:.1f}", soft_wrap=True)
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in g.items() if k not in ("total", "model_states") and v >= 0.05)
+        console.print(f"memory per rank ({role}, {m['layout']}): {g['total']:.1f} GiB{cap} — {parts}", soft_wrap=True)
     for w in report.writes:
         console.print(f"would write: {w}", soft_wrap=True, markup=False)
     for n in report.notes:

@@ -115,7 +115,7 @@ def run_extend_context(
     new_cfg = extended_model_config(src_cfg, ec)
     cfg = train_config(ec, src_cfg.max_position_embeddings)
     stage_dir = ws.stage_dir(KIND, run)
-    _refuse_other_setting(stage_dir, new_cfg, resume)
+    refuse_other_setting(stage_dir, new_cfg, resume)
 
     dist = init_distributed()
     store = TokenStore(ws.tokens)
@@ -144,7 +144,7 @@ def run_extend_context(
     return stage_dir
 
 
-def _refuse_other_setting(stage_dir: Path, new_cfg: ModelConfig, resume: str) -> None:
+def refuse_other_setting(stage_dir: Path, new_cfg: ModelConfig, resume: str) -> None:
     """Resuming checkpoints trained under another context/RoPE setting would mix two models."""
     if resume != "auto":
         return
