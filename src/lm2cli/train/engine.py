@@ -285,21 +285,41 @@ def _shape(p: torch.nn.Parameter) -> tuple:
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, seed: int, dist: Dist) -> None:
     """A fresh init independent of the world size, ZeRO stage and device: each parameter drawn whole on
-    the host in fp32, in `named_parameters` order, from one generator seeded with `seed`, by
-    `model.init_weight(name, tensor, generator)` (InternLM2's rule), then cast into the parameter.
-    Under ZeRO-3 only rank 0 draws (the others receive their partitions), so only one tensor at a time
-    is ever whole."""
+    the host in fp32, in `named_parameters` order, from one generator seeded with `seed`, then cast into
+    the parameter. The rule for a parameter is `init_weight(name, tensor, generator)` of the deepest
+    module above it that has one (InternLM2's; a wrapper such as a reward model adds its own for its
+    head), with `name` relative to that module. Under ZeRO-3 only rank 0 draws (the others receive their
+    partitions), so only one tensor at a time is ever whole.
+
+    Inits written in a module's `__init__` after its children exist (e.g. `nn.init.zeros_(self.head
+    .weight)`) never reach a partitioned parameter: put them in `init_weight`."""
     generator = torch.Generator().manual_seed(int(seed))
-    init = getattr(model, "init_weight", None)
+    rules = _init_rules(model)
+    missing = [name for name, _ in model.named_parameters() if name not in rules]
+    if missing:
+        raise InputError(f"{type(model).__name__} has no init rule (an init_weight method above them) for "
+                         f"{', '.join(missing[:3])}")
     for name, p in model.named_parameters():
         with _whole(p, dist) as writer:
             if writer:
-                host = torch.empty(_shape(p), dtype=torch.float32)
-                if init is not None:
-                    init(name, host, generator)
+                init, local = rules[name]
+                if p.device.type == "cpu" and p.dtype == torch.float32:
+                    init(local, p.data, generator)  # already the host fp32 tensor: draw in place
                 else:
-                    host.normal_(0.0, 0.02, generator=generator)
-                p.data.copy_(host)
+                    host = torch.empty(_shape(p), dtype=torch.float32)
+                    init(local, host, generator)
+                    p.data.copy_(host)
+
+
+def _init_rules(model: torch.nn.Module) -> dict:
+    """Parameter name -> (the deepest `init_weight` above it, its name relative to that module)."""
+    rules = {}
+    for prefix, module in model.named_modules():  # parents first: a deeper rule overwrites
+        init = getattr(module, "init_weight", None)
+        if callable(init):
+            for local, _ in module.named_parameters():
+                rules[f"{prefix}.{local}" if prefix else local] = (init, local)
+    return rules
 
 
 class WeightFiles:
