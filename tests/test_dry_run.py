@@ -227,3 +227,30 @@ def test_ppo_refuses_a_reward_model_as_policy_and_a_policy_as_reward_model(works
     problems = json.loads(res.stdout)["problems"]
     assert any("is a reward model; the policy starts from an SFT checkpoint" in p for p in problems)
     assert any("is a plain checkpoint (no reward head)" in p for p in problems)
+
+
+def test_what_the_dry_run_predicts_is_what_the_run_does(tmp_path):
+    """On a tiny real workspace: the dry run's DeepSpeed config, parameter count and first global batch size are
+    the ones the real stage then uses, and it reports the stage folder the run then writes."""
+    from _train_ws import TINY_MODEL
+    from _train_ws import build_tokens as tiny_tokens
+
+    from lm2cli.config import load_recipe
+    from lm2cli.convert import load_model
+    from lm2cli.pretrain import run_pretrain
+    from lm2cli.train.loop import read_metrics
+
+    ws = Workspace(tmp_path / "ws")
+    tiny_tokens(ws.root)
+    sets = TINY_MODEL + ["pretrain.stage1.seq_len=32", "pretrain.stage1.max_steps=1", "pretrain.stage1.grad_accum=2",
+                         "pretrain.stage1.eval_batches=0"]
+    args = ["pretrain", "--stage", "1"] + [x for s in sets for x in ("--set", s)]
+    res = dry_run(ws, "tiny", args)
+    assert res.exit_code == 0, res.output[-2000:]
+    report = json.loads(res.stdout)
+    stage = run_pretrain(ws, load_recipe("tiny", sets), 1)
+    assert report["writes"] == [str(stage)]
+    assert json.loads((stage / "deepspeed.json").read_text()) == report["deepspeed"]
+    assert load_model(stage / "final").num_params() == report["models"][0]["params"]
+    first = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r][0]
+    assert first["tokens"] == report["batch"]["tokens"] == 8 * 2 * 32

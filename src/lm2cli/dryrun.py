@@ -415,23 +415,27 @@ def sft(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[Path
 
 
 def _sft_batch(report: Report, tok, path: Path, cfg, train: TrainConfig) -> Optional[TrainConfig]:
+    """Conversations packed into rows as `lm2 sft` packs them; the first global batch in RowBatches' seeded
+    order (all ranks' rows of one step); the step count from the rows."""
     from .chat import pack
     from .sft import load_conversations
+    from .train.data import IGNORE_INDEX
+    from .train.finetune import RowBatches
 
     examples, rejected, stats = load_conversations(tok, path, cfg.max_len)
     if not examples:
         report.problems.append(f"{path} has no trainable conversation ({stats.records} records, "
                                f"{len(rejected)} rejected)")
         return None
-    rows = pack(examples, cfg.max_len, tok.pad_id, train.seed)
-    n = len(rows["input_ids"])
+    rows = RowBatches(pack(examples, cfg.max_len, tok.pad_id, train.seed), train.micro_batch_size * report.world,
+                      seed=train.seed)
     per_step = train.micro_batch_size * train.grad_accum * report.world
-    steps = max(1, math.ceil(train.epochs * n / per_step))
-    first = [rows["labels"][i % n] for i in range(per_step)]
+    steps = max(1, math.ceil(train.epochs * rows.n / per_step))
+    targets = sum(int((next(rows)["labels"] != IGNORE_INDEX).sum()) for _ in range(train.grad_accum))
     report.batch = {"source": str(path), "micro_batch_per_rank": [train.micro_batch_size, cfg.max_len],
                     "grad_accum": train.grad_accum, "sequences": per_step, "tokens": per_step * cfg.max_len,
-                    "target_tokens": sum(sum(1 for t in r if t != -100) for r in first), "conversations": len(examples),
-                    "rejected": len(rejected), "rows": n, "steps": steps}
+                    "target_tokens": targets, "conversations": len(examples), "rejected": len(rejected),
+                    "rows": rows.n, "steps": steps}
     return dataclasses.replace(train, max_steps=steps)
 
 
