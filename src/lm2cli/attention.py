@@ -10,8 +10,9 @@ The model says *what* each query may see; this module decides *how* to compute i
     * "flash": FlashAttention-2's varlen kernel over `cu_seqlens` (CUDA, fp16/bf16, when `flash_attn`
       is installed) — what InternLM2 trains with;
     * "flex": FlexAttention with a document block mask (CUDA; compiled once per process). On CPU
-      FlexAttention has no backward and needs torch.compile (~20 s on the first call), so it is only
-      used there when asked for (`LM2_ATTENTION=flex`, inference only);
+      FlexAttention has no backward and needs torch.compile (~30 s on the first call), and forward it
+      is no faster than "segments" (bench/packed_attention.py --inference), so it is only used there
+      when asked for (`LM2_ATTENTION=flex`, inference only);
     * "segments": causal SDPA once per document segment of each row — exact, memory O(T), any device
       and dtype, with gradients; the CPU path (bench/packed_attention.py measures it against the others);
     * "dense": SDPA with the B×1×T×T block-diagonal causal mask — the old path, a reference only.
@@ -196,15 +197,21 @@ def _shared_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_place: bool
 
 def _segments(q, k, v, docs: Documents) -> torch.Tensor:
     k, v, gqa = _shared_kv(q, k, v, in_place=q.device.type == "cpu")
-    rows = []
-    for r, spans in enumerate(docs.segments()):
-        if len(spans) == 1:
-            rows.append(F.scaled_dot_product_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], is_causal=True, **gqa))
-            continue
-        parts = [F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e], v[r:r + 1, :, s:e],
-                                                is_causal=True, **gqa) for s, e in spans]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
+
+    def part(r: int, s: int, e: int) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e], v[r:r + 1, :, s:e],
+                                              is_causal=True, **gqa)
+
+    spans = docs.segments()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Training: concatenate (backward splits the gradient once; slice-assignment would copy it per
+        # document: 1.5x vs 2.2x causal attention's peak memory at 16k, bench/packed_attention.py).
+        return torch.cat([torch.cat([part(r, s, e) for s, e in row], dim=2) for r, row in enumerate(spans)])
+    out = torch.empty_like(q)  # inference: each document's output goes straight into its place
+    for r, row in enumerate(spans):
+        for s, e in row:
+            out[r:r + 1, :, s:e] = part(r, s, e)
+    return out
 
 
 def _flash(q, k, v, docs: Documents) -> torch.Tensor:
