@@ -15,6 +15,7 @@ from _train_ws import build_tokens
 from safetensors.torch import load_file
 
 from lm2cli.config import ModelConfig, TrainConfig
+from lm2cli.errors import InputError
 from lm2cli.layout import read_manifest
 from lm2cli.convert import load_model
 from lm2cli.model import InternLM2
@@ -184,3 +185,10 @@ def test_sigterm_saves_a_checkpoint_and_stops(store, tmp_path):
     assert verify(stage / "checkpoints" / "step-00000003") is None
     assert not (stage / "final").exists() and not (stage / "manifest.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_a_checkpoint_resumes_at_its_own_zero_stage_only(store, tmp_path):
+    stage = tmp_path / "pretrain-stage1"
+    run(store, stage)  # ZeRO-0
+    with pytest.raises(InputError, match="holds ZeRO-0 state; this run is ZeRO-1"):
+        run(store, stage, cfg=dataclasses.replace(CFG, max_steps=8, zero_stage=1))

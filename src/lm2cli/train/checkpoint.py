@@ -339,11 +339,14 @@ def restore(ckpt: Path, engine, dist) -> tuple[dict, dict]:
     """Load weights, optimizer, LR schedule and this rank's RNG from `ckpt`; returns (train_state, data_state).
 
     The same ZeRO layout (stage and number of ranks) loads DeepSpeed's shards as saved. A ZeRO 1-3
-    checkpoint resumes on another number of ranks or another ZeRO stage 1-3 through DeepSpeed's
-    universal checkpoint: rank 0 converts `optim/` once into `optim-universal/` (full fp32 master
-    weights and Adam moments per parameter), which every rank then slices for its own partition. The
+    checkpoint resumes on another number of ranks (hpZ on or off) at the same ZeRO stage through
+    DeepSpeed's universal checkpoint: rank 0 converts `optim/` once into `optim-universal/` (full fp32
+    master weights and Adam moments per parameter), which every rank then slices for its own
+    partition. ZeRO-0 state is whole on every rank and resumes on any number of ranks as it is. The
     data position is global (samples consumed by all ranks), so the new layout continues the same
     sample sequence; keep micro_batch_size × grad_accum × ranks equal to continue the same batches.
+    A different ZeRO stage is refused: deepspeed 0.19.8 names the model-state files per stage and
+    stores the stages' optimizer state in different forms, and its universal loader does not bridge them.
     """
     ckpt = Path(ckpt)
     reason = verify(ckpt)
@@ -351,17 +354,15 @@ def restore(ckpt: Path, engine, dist) -> tuple[dict, dict]:
         raise InputError(f"cannot resume from {ckpt}: {reason}")
     train_state = read_json(ckpt / "train_state.json")
     saved_world, saved_zero = train_state.get("world", 1), train_state.get("zero_stage", 0)
-    same_layout = saved_zero == engine.zero_stage and (saved_world == dist.world or saved_zero == 0)
-    if same_layout:
+    if saved_zero != engine.zero_stage:
+        raise InputError(f"{ckpt} holds ZeRO-{saved_zero} state; this run is ZeRO-{engine.zero_stage}. A "
+                         "checkpoint resumes on any number of ranks but at its own ZeRO stage: set the sharding "
+                         "(or zero_stage) it was saved with, or start over with --resume never")
+    if saved_world == dist.world or saved_zero == 0:
         path, _ = engine.ds.load_checkpoint(str(ckpt), tag=OPTIM, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)
-    elif saved_zero > 0 and engine.zero_stage > 0:
-        path = _load_universal(ckpt, engine, dist)
     else:
-        raise InputError(f"{ckpt} holds ZeRO-{saved_zero} state for {saved_world} rank(s); this run is ZeRO-"
-                         f"{engine.zero_stage} on {dist.world}. lm2 converts between ZeRO stages 1-3 and any "
-                         "number of ranks, not to or from ZeRO-0 (sharding full-replica); resume with the saved "
-                         "layout, or start over with --resume never")
+        path = _load_universal(ckpt, engine, dist)
     if path is None:
         raise Lm2Error(f"DeepSpeed could not load {ckpt / OPTIM}")
     engine.follow_config_schedule()

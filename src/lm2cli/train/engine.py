@@ -434,7 +434,8 @@ class Engine:
     `trainable=False` (a frozen model: PPO's reference and reward models): no optimizer, parameters
     frozen, the module in eval mode; under ZeRO-3 the weights stay partitioned and are gathered layer
     by layer around each forward (ZeRO-Inference), so a frozen 7B model costs 1/world of its bf16
-    weights per rank. `total_steps` is ignored; `backward`/`step` refuse.
+    weights per rank; below ZeRO-3 it is the plain module on the device in the run's dtype (`ds` is
+    None). `total_steps` is ignored; `backward`/`step` refuse.
 
     Both: `model` is what a loss function calls (DeepSpeed's wrapper), `module` the bare module,
     `full_state_dict()` the whole weights on rank 0 (collective), `full_weights()` the module with
@@ -452,10 +453,11 @@ class Engine:
             model.eval()
             self.zero_stage = config_zero_stage(self.config)
             self.clip_here = False
-            if not is_partitioned(model):
-                model.to(dist.device)
-            self.ds, *_ = deepspeed.initialize(model=model, config=self.config, dist_init_required=False)
             self.optimizer = self.scheduler = self.schedule = None
+            if self.zero_stage == 3:
+                self.ds, *_ = deepspeed.initialize(model=model, config=self.config, dist_init_required=False)
+            else:  # DeepSpeed's ZeRO-1/2 need an optimizer; a frozen model needs no wrapper at all
+                self.ds, self._module = None, model.to(device=dist.device, dtype=run_dtype(self.config))
             return
         expected = (cfg.micro_batch_size, cfg.grad_accum)
         got = (self.config.get("train_micro_batch_size_per_gpu"), self.config.get("gradient_accumulation_steps"))
@@ -500,11 +502,11 @@ class Engine:
     @property
     def model(self):
         """The callable a loss function runs (DeepSpeed's wrapper: ZeRO-3 gathers weights around it)."""
-        return self.ds
+        return self.ds if self.ds is not None else self._module
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.ds.module
+        return self.ds.module if self.ds is not None else self._module
 
     def lr(self) -> float:
         """The LR the next optimizer step applies."""
