@@ -161,6 +161,10 @@ def test_a_checkpoint_of_another_shape_is_caught_from_its_header(workspaces, tmp
                   "--from", str(wrong))
     refused(res)
     assert any("weights lack model.layers.2" in p for p in json.loads(res.stdout)["problems"])
+    (wrong / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not json")  # a partial download
+    res = dry_run(workspaces["internlm2-1_8b"], "internlm2-1_8b", ["pretrain", "--stage", "2", "--nproc", "8"],
+                  "--from", str(wrong))
+    assert "unreadable safetensors header" in refused(res)
 
 
 def test_human_readable_report_names_model_memory_and_outputs(workspaces):

@@ -6,10 +6,12 @@ One entry per command (`pretrain`, `extend_context`, `sft`, `rlhf_reward`, `rlhf
     inputs      what the real run would read (`stages.py`), each found or "input missing: would read X"
     model       the model at full shape on the meta device: parameter count, config, weights' shapes
                 checked against the input's safetensors header (no tensor is read)
-    deepspeed   the config `train.engine.deepspeed_config` writes for the world size
+    deepspeed   the config `train.engine.deepspeed_config` writes for the world size (`pretrain --plan`:
+                the layout `lm2 plan` picks on `--gpu`)
     batch       the first global batch: from the real token store / data file when present (shapes,
                 tokens, target tokens, documents, long/short mix), else from the config alone
-    memory      per-rank memory from `lm2 plan`'s model for that layout
+    memory      per-rank memory from `lm2 plan`'s model for that layout (PPO: its four-model model),
+                checked against `--gpu PRESET` or the local GPU
     writes      the artefact folders the run would create
 
 and keeps going after a problem, so one dry run lists everything that would stop the real run. The
@@ -173,31 +175,13 @@ def meta_model(cfg: ModelConfig, role: str = "model") -> tuple[dict, dict]:
     return summary, shapes
 
 
-def weight_shapes(folder: Path) -> Optional[dict[str, tuple]]:
-    """{name: shape} from a folder's safetensors headers (8-byte length + JSON; no tensor is read), or
-    None when the folder has no safetensors weights."""
-    files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if f.name != "reward_head.safetensors"]
-    if not files:
-        return None
-    shapes = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    return shapes
-
-
 def check_weights(report: Report, source: ModelInput, expected: dict[str, tuple]) -> None:
-    """The input's weights must be the shapes the config promises (lm2 / HF InternLM2 names)."""
-    found = weight_shapes(source.path)
-    if found is None:
-        report.problems.append(f"{source.path} has no *.safetensors weights")
-        return
-    if (source.path / "config.json").is_file() and \
-            json.loads((source.path / "config.json").read_text()).get("model_type") == "llama":
+    """The input's weights must have the names and shapes the config promises (lm2 / HF InternLM2 names)."""
+    if read_model_type(source.path) == "llama":
         report.notes.append(f"{source.path}: Llama-format weights; names are mapped at load, shapes not checked here")
+        return
+    found = report.attempt(lambda: weight_shapes(source.path))
+    if found is None:
         return
     wrong = [k for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)]
     missing = [k for k in expected if k not in found]
@@ -207,6 +191,29 @@ def check_weights(report: Report, source: ModelInput, expected: dict[str, tuple]
                                f"({len(wrong)} tensors differ)")
     elif missing:
         report.problems.append(f"{source.path}: weights lack {missing[0]} ({len(missing)} tensors missing)")
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple]:
+    """{name: shape} from the safetensors headers of the files the run would load (`convert.weight_files`:
+    model.safetensors or an index's shards). Only each header is read (8-byte length + JSON): no tensor,
+    and no mmap of a 40 GB file."""
+    from .convert import weight_files
+
+    shapes = {}
+    for f in weight_files(folder):
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{f}: unreadable safetensors header ({e}); the checkpoint is corrupt or partial") from None
+    return shapes
+
+
+def read_model_type(folder: Path) -> str:
+    cfg = folder / "config.json"
+    return json.loads(cfg.read_text()).get("model_type", "internlm2") if cfg.is_file() else "internlm2"
 
 
 def deepspeed_for(report: Report, cfg: TrainConfig, ds: Optional[dict] = None) -> None:
