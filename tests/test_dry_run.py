@@ -258,3 +258,19 @@ def test_what_the_dry_run_predicts_is_what_the_run_does(tmp_path):
     assert load_model(stage / "final").num_params() == report["models"][0]["params"]
     first = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r][0]
     assert first["tokens"] == report["batch"]["tokens"] == 8 * 2 * 32
+
+
+def test_a_released_hf_folder_without_a_manifest_is_an_input(tmp_path_factory, tmp_path):
+    """internlm2-chat's layout (sharded bf16 safetensors with an index, SentencePiece tokenizer, no lm2
+    manifest) as `sft --from`: read as an HF folder, its shards' headers checked, its own tokenizer used."""
+    from _released import TINY, VOCAB, released_folder, session_spm
+
+    folder = released_folder(tmp_path / "internlm2-chat-tiny", session_spm(tmp_path_factory))
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "manifest.json").exists()
+    res = dry_run(Workspace(tmp_path / "ws"), "tiny", ["sft", "--from", str(folder)])
+    assert res.exit_code == 0, res.output[-2000:]
+    report = json.loads(res.stdout)
+    assert report["inputs"][0] == {"what": "model", "path": str(folder.resolve()), "found": True, "detail": "hf"}
+    config = report["models"][0]["config"]
+    assert (config["hidden_size"], config["vocab_size"]) == (TINY["hidden_size"], VOCAB)
+    assert report["batch"]["target_tokens"] > 0
