@@ -1,7 +1,5 @@
 """The loss: chunked head + cross-entropy equals the plain path, and a step's gradient is one big batch's."""
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,52 +116,51 @@ def _all_micro_batches(world: int) -> list[dict]:
 
 
 def _one_big_batch_gradients(world: int) -> dict:
+    """The reference: plain cross-entropy, mean over every labelled token of all world × K micro-batches;
+    gradients flattened per optimizer parameter group, the order DeepSpeed flattens them in."""
+    from lm2cli.train.engine import param_groups
+
     torch.manual_seed(0)
     model = InternLM2(CFG)
     batches = _all_micro_batches(world)
     logits = model(torch.cat([b["input_ids"] for b in batches]), position_ids=torch.cat([b["position_ids"] for b in batches]))
     labels = torch.cat([b["labels"] for b in batches])
-    F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
-    mean = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
-    return {"loss": mean, **{n: p.grad for n, p in model.named_parameters()}}
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    groups = [torch.cat([p.grad.flatten() for p in g["params"]]) for g in param_groups(model, 0.1)]
+    return {"loss": loss.item(), "groups": groups}
 
 
-def _accumulated_gradients(out: Path | None = None) -> dict:
-    """Run on every rank: one `train_step` over this rank's K micro-batches, the gradients the optimizer sees."""
+def _accumulated_gradients(sharding: str = "full-replica", out_dir: Path | None = None) -> dict:
+    """Run on every rank: one `train_step` over this rank's K micro-batches; the gradients the optimizer
+    sees, flattened per parameter group (under ZeRO-2 each rank's fp32 shard of the group)."""
     from lm2cli.train.engine import Engine, init_distributed
     from lm2cli.train.loop import lm_loss, train_step
 
     dist = init_distributed()
     torch.manual_seed(0)
-    model = InternLM2(CFG)
-    names = {id(p): n for n, p in model.named_parameters()}
-    cfg = TrainConfig(micro_batch_size=ROWS, grad_accum=K, grad_clip=0.0, max_steps=1, seq_len=T)
-    engine = Engine(model, cfg, 1, dist)
-    seen = {}
-
-    def capture(opt, args, kwargs):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                seen[names[id(p)]] = p.grad.detach().clone()
-
-    hook = register_optimizer_step_pre_hook(capture)
+    cfg = TrainConfig(micro_batch_size=ROWS, grad_accum=K, grad_clip=0.0, max_steps=1, seq_len=T, sharding=sharding)
+    engine = Engine(InternLM2(CFG), cfg, 1, dist)
+    seen = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.extend(
+        torch.cat([p.grad.detach().flatten() for p in g["params"]]) for g in opt.param_groups))
     try:
         micro = _all_micro_batches(dist.world)[dist.rank * K:(dist.rank + 1) * K]
         loss, _, _ = train_step(engine, micro, lm_loss, dist)
     finally:
         hook.remove()
-    result = {"loss": float(loss), **seen}
-    if out is not None and dist.is_main:
-        torch.save(result, out)
+    result = {"loss": float(loss), "groups": seen}
+    if out_dir is not None:
+        torch.save(result, out_dir / f"rank{dist.rank}.pt")
     return result
 
 
 def _assert_same(got: dict, want: dict):
-    assert got.keys() == want.keys()
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)  # the logged loss: the mean per token
-    for name in want:
-        if name != "loss":
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert len(got["groups"]) == len(want["groups"])
+    for g, w in zip(got["groups"], want["groups"]):
+        assert torch.all(g[w.numel():] == 0)  # DeepSpeed pads a group to a multiple of the ranks
+        torch.testing.assert_close(g[:w.numel()], w, rtol=1e-4, atol=1e-6)
 
 
 def test_micro_batches_with_unequal_token_counts_give_one_big_batch_gradient():
@@ -171,12 +168,13 @@ def test_micro_batches_with_unequal_token_counts_give_one_big_batch_gradient():
 
 
 @pytest.mark.timeout(300)
-def test_two_ranks_times_micro_batches_give_one_big_batch_gradient(tmp_path):
+@pytest.mark.parametrize("sharding", ["full-replica", "partial"])  # ZeRO-0: all-reduce; ZeRO-2: reduce-scatter
+def test_two_ranks_times_micro_batches_give_one_big_batch_gradient(tmp_path, sharding):
     from lm2cli.train.engine import clean_env, free_port
 
-    port, out = free_port(), tmp_path / "grads.pt"
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_loss; test_loss._accumulated_gradients({str(out)!r})"
+    port, here = free_port(), str(Path(__file__).parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); from pathlib import Path; import test_loss; "
+            f"test_loss._accumulated_gradients({sharding!r}, Path({str(tmp_path)!r}))")
     procs = []
     for rank in range(2):
         env = {**clean_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
@@ -185,7 +183,11 @@ def test_two_ranks_times_micro_batches_give_one_big_batch_gradient(tmp_path):
                                       stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=280)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
-    _assert_same(torch.load(out), _one_big_batch_gradients(2))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    if sharding == "partial":  # each rank holds its shard of every group, in rank order
+        ranks[0]["groups"] = [torch.cat(shards) for shards in zip(ranks[0]["groups"], ranks[1]["groups"])]
+    _assert_same(ranks[0], _one_big_batch_gradients(2))
 
 
 # ---------------------------------------------------------------------------------------------------
