@@ -258,6 +258,8 @@ def test_what_the_dry_run_predicts_is_what_the_run_does(tmp_path):
     assert load_model(stage / "final").num_params() == report["models"][0]["params"]
     first = [r for r in read_metrics(stage / "metrics.jsonl") if "loss" in r][0]
     assert first["tokens"] == report["batch"]["tokens"] == 8 * 2 * 32
+    again = json.loads(dry_run(ws, "tiny", args).stdout)  # the finished stage would be resumed, and says so
+    assert any("--resume auto continues from step-00000001" in n for n in again["notes"]), again["notes"]
 
 
 def test_a_released_hf_folder_without_a_manifest_is_an_input(tmp_path_factory, tmp_path):

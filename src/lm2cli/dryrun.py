@@ -571,6 +571,18 @@ def _finish_training(report: Report, mc: ModelConfig, cfg: TrainConfig, source: 
     if not batch_done:
         packed_batch(report, store, cfg)
     report.writes = [str(w) for w in writes]
+    for w in writes:
+        resumes_from(report, Path(w))
+
+
+def resumes_from(report: Report, stage_dir: Path) -> None:
+    """`--resume auto` continues from the stage folder's newest whole checkpoint: say which."""
+    from .train.checkpoint import find_resume
+
+    ckpt = find_resume(stage_dir, quiet=True) if stage_dir.is_dir() else None
+    if ckpt is not None:
+        report.notes.append(f"{stage_dir} has checkpoints: --resume auto continues from {ckpt.name} "
+                            "(--resume never starts over)")
 
 
 # ---------------------------------------------------------------------------------------------------
