@@ -164,3 +164,23 @@ def test_zero_initialised_head_scores_zero():
     rm = RewardModel(tiny_model(tokenizer()))
     assert torch.count_nonzero(rm.values(torch.tensor([[1, 5, 9]]))) == 0
     assert not rm.backbone.output.weight.requires_grad
+
+
+def test_critic_is_the_reward_backbone_with_a_zero_value_head(tmp_path):
+    """PPO's critic (align/models.py, head="zero") shares the trained RM's backbone but not its head
+    (SPEC §8.3: critic <- RM without its head); head="trained" rebuilds the RM itself."""
+    from lm2cli.align.models import reward_model
+    from lm2cli.config import TrainConfig
+    from lm2cli.train.engine import init_distributed
+
+    tok, rm = tokenizer(), _rm(2)
+    save_reward_model(rm, tmp_path / "rm", tok, {"reward_id": tok.reward_id, "conditions": CONDS})
+    dist, cfg = init_distributed(), TrainConfig(seq_len=64, micro_batch_size=1)
+    critic = reward_model(tmp_path / "rm", cfg, dist, 64, tok, head="zero")
+    again = reward_model(tmp_path / "rm", cfg, dist, 64, tok, head="trained")
+    ids = torch.tensor([list(range(3, 20))])
+    with torch.no_grad():
+        assert torch.count_nonzero(critic(ids)) == 0
+        assert torch.allclose(again(ids), rm.values(ids), atol=1e-5)
+        assert torch.allclose(critic.backbone(ids, return_hidden=True), rm.backbone(ids, return_hidden=True), atol=1e-5)
+    assert critic.head.weight.requires_grad and not critic.backbone.output.weight.requires_grad
