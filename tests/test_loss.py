@@ -167,6 +167,7 @@ def test_micro_batches_with_unequal_token_counts_give_one_big_batch_gradient():
     _assert_same(_accumulated_gradients(), _one_big_batch_gradients(1))
 
 
+@pytest.mark.slow  # two DeepSpeed ranks: 30-40 s on the loaded 2-core machine
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sharding", ["full-replica", "partial"])  # ZeRO-0: all-reduce; ZeRO-2: reduce-scatter
 def test_two_ranks_times_micro_batches_give_one_big_batch_gradient(tmp_path, sharding):
