@@ -44,6 +44,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 from ..console import warn
 from ..errors import InputError, Lm2Error
 from ..layout import atomic_write_text, now_iso, write_manifest
+from .engine import Weights
 
 DONE = "DONE"
 LATEST = "latest"
@@ -190,16 +191,6 @@ class SnapshotEngine(CheckpointEngine):
         return out
 
 
-class _Weights:
-    """What an export function reads from a model: `config` and `state_dict()` (here a CPU snapshot)."""
-
-    def __init__(self, config, state: dict):
-        self.config, self._state = config, state
-
-    def state_dict(self) -> dict:
-        return self._state
-
-
 @dataclass
 class _Save:
     step: int
@@ -297,7 +288,7 @@ class AsyncCheckpointer:
         from ..convert import save_model
 
         export = self.export or save_model
-        export(_Weights(self.model_config, job.weights), job.dir, self.tokenizer)
+        export(Weights(self.model_config, job.weights), job.dir, self.tokenizer)
         (job.dir / "dataloader.json").write_text(job.meta["data"] + "\n")
         (job.dir / "train_state.json").write_text(job.meta["train"] + "\n")
         (job.dir / "config.resolved.yaml").write_text(self.config_yaml)

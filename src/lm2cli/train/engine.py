@@ -543,6 +543,13 @@ class Engine:
             return None
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
+    def exportable(self) -> Optional["Weights"]:
+        """On rank 0, what an exporter (`convert.save_model`, `fit`'s `export`) reads: `config` and
+        `state_dict()`, the whole weights as CPU tensors gathered module by module; None elsewhere.
+        Collective under ZeRO-3. Unlike `full_weights()`, no rank ever holds the whole model on its device."""
+        sd = self.full_state_dict()
+        return Weights(getattr(self.module, "config", None), sd) if sd is not None else None
+
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[torch.nn.Module]:
         """The module with every parameter whole (gathered under ZeRO-3) for the duration of the block."""
@@ -553,6 +560,16 @@ class Engine:
                 yield self.module
         else:
             yield self.module
+
+
+class Weights:
+    """What an exporter reads from a model, `config` and `state_dict()`, without the model (a snapshot)."""
+
+    def __init__(self, config, state: dict):
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict:
+        return self._state
 
 
 # ---------------------------------------------------------------------------------------------------

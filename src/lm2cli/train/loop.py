@@ -347,12 +347,11 @@ def _finish(engine: Engine, cfg, stage_dir: Path, kind: str, dist: Dist, tokeniz
              "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
              "mfu": _mean([r.get("mfu") for r in history]), "world": dist.world,
              "zero_stage": engine.zero_stage}
-    with engine.full_weights() as module:
-        if dist.is_main:
-            with staging_dir(final) as tmp:
-                (export or save_model)(module, tmp, tokenizer)
-                write_manifest(tmp, "checkpoint", config=getattr(module, "config", None), inputs=inputs,
-                               stats=stats, stage=kind)
+    weights = engine.exportable()  # rank 0 only: gathered module by module, never whole on a device
+    if dist.is_main:
+        with staging_dir(final) as tmp:
+            (export or save_model)(weights, tmp, tokenizer)
+            write_manifest(tmp, "checkpoint", config=weights.config, inputs=inputs, stats=stats, stage=kind)
     if dist.is_main:
         plot_losses(history, stage_dir / CURVE, title=kind)
         stats["wall_seconds"] = round(time.perf_counter() - t_start, 2)
