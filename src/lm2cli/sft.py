@@ -105,7 +105,7 @@ def run_sft(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
         log(f"sft: {stats.kept} conversations ({stats.truncated} truncated, {len(rejected)} rejected) -> "
             f"{batches.n} rows of {cfg.max_len} ({data_stats['fill']:.0%} full), {stats.loss_tokens:,} trained "
             f"tokens; {steps} steps from {source.path}")
-    model = build_model(source.path, cfg.max_len, tok)
+    model = build_model(source.path, cfg.max_len, tok, train, dist)
     inputs = [source.path, train_path] + ([eval_path] if eval_path else [])
     result = fit(model, train, batches, stage_dir, kind=KIND, resume=resume, tokenizer=tok, inputs=inputs,
                  recipe=recipe, dist=dist,

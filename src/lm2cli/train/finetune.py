@@ -1,7 +1,9 @@
 """What the stages that fine-tune a checkpoint share (SFT, the reward model, PPO): the model they start
 from at their context length and micro-batches of packed rows (the input's tokenizer: `stages.input_tokenizer`).
 
-    build_model(source, max_len, tok)   the source weights, context >= max_len, special ids from `tok`
+    build_model(source, max_len, tok, train, dist)
+                                        the source weights, context >= max_len, special ids from `tok`,
+                                        streamed into the run's layout (`engine.build_model`)
     RowBatches(rows, micro, rank, world, seed)
                                         a seeded order of packed rows, reshuffled each epoch; rank r of W
                                         takes its own rows of every global micro-batch; position = 1 integer
@@ -61,24 +63,32 @@ class RowBatches:
         self.consumed = int(state["rows_consumed"])
 
 
-def build_model(source: Path, max_len: int, tok):
-    """The source weights with a context of at least `max_len` (RoPE settings unchanged)."""
-    import torch
+def build_model(source: Path, max_len: int, tok, train, dist):
+    """The source weights with a context of at least `max_len` (RoPE settings unchanged), built for the
+    run's `TrainConfig` by `train.engine.build_model`: partitioned at construction under ZeRO-3, in the
+    run's dtype, the weights streamed in tensor by tensor (no rank holds a second copy)."""
+    from ..stages import read_model_config
+    from .engine import build_model as build
 
-    from ..convert import load_model
-    from ..model import InternLM2
-
-    src = load_model(source)
-    if tok.vocab_size > src.config.vocab_size:
-        raise InputError(f"{source}: the tokenizer has {tok.vocab_size} ids, the model only {src.config.vocab_size}")
-    # SPEC P1: an HF-initialised `padding_idx = eos` leaves the EOS embedding at zero, and SFT must teach it.
-    if not bool(src.model.tok_embeddings.weight[tok.eos_id].any()):
+    src = read_model_config(Path(source))
+    if tok.vocab_size > src.vocab_size:
+        raise InputError(f"{source}: the tokenizer has {tok.vocab_size} ids, the model only {src.vocab_size}")
+    if dist.is_main and _zero_embedding_row(Path(source), tok.eos_id):
+        # SPEC P1: an HF-initialised `padding_idx = eos` leaves the EOS embedding at zero, and SFT must teach it.
         warn(f"{source}: the </s> embedding row is all zeros (padding_idx = eos at init?); it trains from zero")
-    cfg = dataclasses.replace(src.config, max_position_embeddings=max(max_len, src.config.max_position_embeddings),
+    cfg = dataclasses.replace(src, max_position_embeddings=max(max_len, src.max_position_embeddings),
                               bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    with torch.device("meta"):
-        model = InternLM2(cfg)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(src.state_dict())
-    return model
+    return build(cfg, train, dist, init_from=Path(source))
+
+
+def _zero_embedding_row(source: Path, row: int) -> bool:
+    """Whether row `row` of the checkpoint's token embeddings is all zeros (only that row is read)."""
+    from .engine import WeightFiles
+
+    files = WeightFiles(source)
+    try:
+        name = "model.tok_embeddings.weight"
+        return name in files.owner and not bool(files.owner[name].get_slice(name)[row:row + 1].any())
+    finally:
+        files.close()
 
