@@ -178,13 +178,21 @@ def test_lm2_generate_file_keeps_fields_and_matches_the_engine(checkpoint, tmp_p
         assert {k: v for k, v in o.items() if k not in ("completion", "finish_reason")} == rows[out.index(o)]
 
 
-def test_lm2_generate_refuses_a_stage_folder_in_one_line(checkpoint, tmp_path):
+def test_lm2_generate_reads_a_stage_folder_as_its_final_and_refuses_bad_input_in_one_line(checkpoint, tmp_path):
     path, _, _ = checkpoint
     stage = path.parent
     write_manifest(stage, "sft")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello there"}) + "\n")
+    outs = []
+    for model_dir, name in ((stage, "a.jsonl"), (path, "b.jsonl")):
+        p = _lm2("generate", str(model_dir), "-i", str(prompts), "-o", str(tmp_path / name), "--max-new-tokens", "5")
+        assert p.returncode == 0, p.stderr
+        outs.append([json.loads(line)["completion"] for line in (tmp_path / name).read_text().splitlines()])
+    assert outs[0] == outs[1]  # a stage folder means its final/, as for every other command
     p = _lm2("generate", str(stage), "-i", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "y.jsonl"))
     assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "'sft' artefact" in p.stderr and "final" in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "x.jsonl does not exist" in p.stderr
     p = _lm2("generate", "-w", str(tmp_path / "empty"), "-i", "x.jsonl", "-o", "y.jsonl")
     assert p.returncode == 2 and "no CHECKPOINT given" in p.stderr
 
