@@ -396,19 +396,25 @@ def universal_checkpoint(ckpt: Path) -> Path:
     return out
 
 
-def _load_universal(ckpt: Path, engine, dist):
-    error = None
+def _load_universal(ckpt: Path, engine, dist, poll: float = 1.0):
+    """Rank 0 converts while the others wait on the filesystem, not in a collective: converting a 7B
+    checkpoint can outlast NCCL's and gloo's 30-minute timeouts."""
+    failed = Path(ckpt) / f".{UNIVERSAL}.failed"
+    if dist.is_main:
+        failed.unlink(missing_ok=True)  # an earlier attempt's, gone before any rank looks
+    if dist.world > 1:
+        torch.distributed.barrier()
     if dist.is_main:
         try:
             universal_checkpoint(ckpt)
         except Lm2Error as e:
-            error = str(e)
-    if dist.world > 1:
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)  # also the barrier: the folder is whole
-        error = box[0]
-    if error:
-        raise Lm2Error(error)
+            failed.write_text(str(e))
+            raise
+    else:
+        while not (Path(ckpt) / UNIVERSAL / DONE).exists():
+            if failed.exists():
+                raise Lm2Error(failed.read_text())
+            time.sleep(poll)
     cfg = engine.ds._config
     cfg.load_universal_checkpoint = True
     try:
