@@ -5,7 +5,7 @@ with its own rendezvous; `--nproc N` re-executes through `torch.distributed.run`
 under DeepSpeed's launcher (`deepspeed --hostfile ... --no_local_rank --module lm2cli.cli ...`), which
 sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for us.
 
-InternEvo's sharding modes map onto ZeRO (SPEC §6.2): full-replica → stage 0 (plain data parallel),
+InternEvo's sharding modes map onto ZeRO (SPEC §6.2): full-replica → stage 0 (plain data parallel; 1 in bf16),
 partial → stage 2 (or 1 via `zero_stage`), and with `hpz_partition_size` > 1 ZeRO-3 with a ZeRO++ hpZ
 secondary parameter shard inside each group of that many ranks; full → stage 3. MiCS would be the exact
 match for partial sharding but deepspeed 0.19.8 rejects it (SPEC P16).
@@ -22,11 +22,12 @@ What a command does with it, in order (pretrain, sft, extend-context, rlhf alike
 
 `build_model` never holds the whole model on one rank under ZeRO-3: parameters are partitioned as
 they are created (`deepspeed.zero.Init`), initialised or loaded one tensor at a time (each whole
-tensor exists only while it is written), and kept in the run's dtype (bf16 runs never see an fp32
-copy). Below ZeRO-3 every rank needs the whole model anyway: it is built on the meta device and
-materialised straight on the accelerator in the run's dtype, then filled the same way. Either way the
-fresh init is drawn on the host from one seeded generator in parameter order, so a model starts from
-the same weights on any number of ranks at any ZeRO stage.
+tensor exists only while it is written), and kept in the run's dtype (a bf16 run holds no fp32 copy
+of the model; DeepSpeed keeps the fp32 master partitions). Below ZeRO-3 every rank needs the whole
+model anyway: it is built on the meta device and materialised straight on the accelerator in the
+run's dtype, then filled the same way. Either way the fresh init is drawn on the host from one seeded
+generator in parameter order, so a model starts from the same weights on any number of ranks at any
+ZeRO stage.
 """
 
 from __future__ import annotations
