@@ -24,8 +24,6 @@ ray = pytest.importorskip("ray")
 from lm2cli.config import examples_dir  # noqa: E402
 from lm2cli.data.pipeline import iter_kept, iter_rejected  # noqa: E402
 
-pytestmark = [pytest.mark.slow]
-
 BIN = Path(sys.executable).parent
 SUBSET = ("web", "mixed", "papers", "malformed")  # a third of the examples, every kind of record and reject
 SETS = ["--set", "prepare.task_mb=0.15", "--set", "prepare.dedup.memory_budget_mb=0.2"]
@@ -118,6 +116,7 @@ def _ray_workers(cluster: dict, title: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_ray_engine_writes_what_the_local_engine_writes(cluster, local_run, inputs, tmp_path):
     work = tmp_path / "ray"
@@ -133,6 +132,7 @@ def test_ray_engine_writes_what_the_local_engine_writes(cluster, local_run, inpu
     assert shard_bytes(work) == shard_bytes(local_run) != {}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_ray_worker_killed_mid_task_is_retried(cluster, local_run, inputs, tmp_path):
     work = tmp_path / "ray-kill"
@@ -158,6 +158,7 @@ def test_a_ray_worker_killed_mid_task_is_retried(cluster, local_run, inputs, tmp
     assert engine_free_stats(work) == engine_free_stats(local_run)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_killed_ray_driver_resumes_without_losing_or_doubling_records(cluster, local_run, inputs, tmp_path):
     work = tmp_path / "ray-resume"
@@ -181,3 +182,15 @@ def test_a_killed_ray_driver_resumes_without_losing_or_doubling_records(cluster,
     assert "already through" in out.stderr  # it resumed instead of starting over
     assert records(work) == records(local_run)
     assert engine_free_stats(work) == engine_free_stats(local_run)
+
+
+@pytest.mark.timeout(120)
+def test_no_cluster_at_the_address_is_one_clear_error_within_seconds():
+    from lm2cli.data.executors import RayExecutor
+    from lm2cli.errors import InputError
+
+    port = _free_port()  # nothing listens there
+    t0 = time.time()
+    with pytest.raises(InputError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        RayExecutor(f"127.0.0.1:{port}")
+    assert time.time() - t0 < 60

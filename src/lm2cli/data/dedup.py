@@ -291,7 +291,7 @@ def summarize(entries: Iterable[Entry], drops: dict) -> dict:
 # components of the confirmed pairs, which do not depend on the order pairs are found in; so the kept and
 # dropped documents equal the in-memory path's.
 
-KEY_BYTES_PER_DOC = 256  # one exact-dedup entry in a reducer's dict, generously
+KEY_BYTES_PER_DOC = 512  # one exact-dedup entry in a reducer's dict (a list, an Entry, two strings)
 _NODE_SHIFT = np.uint64(32)
 
 

@@ -66,6 +66,7 @@ class RayExecutor:
         self.max_retries = max_retries
         self.owns = False
         if not ray.is_initialized():
+            _check_reachable(address)
             try:
                 ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR",
                          configure_logging=False)
@@ -94,6 +95,21 @@ class RayExecutor:
     def close(self) -> None:
         if self.owns:
             self.ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's minutes of reconnecting, when nothing listens at HOST:PORT."""
+    import socket
+
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            pass
+    except (OSError, ValueError) as e:
+        raise InputError(f"no Ray cluster answers at {address} ({e}); start one with `ray start --head "
+                         "--port=PORT` or pass the head's HOST:PORT as --ray-address") from None
 
 
 def make_executor(engine: str = "local", workers: int = 1, ray_address: Optional[str] = None):
