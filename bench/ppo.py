@@ -9,7 +9,7 @@ iterations above its resident set just before them (after a warm-up iteration ha
 state), read from /proc (Linux), plus torch's own peak on CUDA. Beside wall time the table shows the
 process's CPU time (all threads), the steadier figure on a shared machine.
 
-    python bench/ppo.py                              # CPU, 16 prompts x 48 new tokens, micro 1/4/16
+    python bench/ppo.py                              # CPU, 1 thread, 16 prompts x 48 new tokens, micro 1/4/16
     python bench/ppo.py --device cuda --prompts 64 --micro 1 4 16 64
 
 Prints one JSON line per run and a table with each size's time and memory relative to the first size.
@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=2, help="timed iterations per run")
     ap.add_argument("--repeats", type=int, default=2, help="rounds over the sizes (best time counts)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (1: steady on a shared "
+                    "machine, where spare OpenMP threads spin on busy cores)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -128,7 +130,8 @@ def main() -> None:
 
     from lm2cli.train.engine import clean_env
 
-    env = {**clean_env(), "DS_ACCELERATOR": "cpu" if args.device == "cpu" else os.environ.get("DS_ACCELERATOR", "cuda")}
+    env = {**clean_env(), "DS_ACCELERATOR": "cpu" if args.device == "cpu" else os.environ.get("DS_ACCELERATOR", "cuda"),
+           "OMP_NUM_THREADS": str(args.threads)}
     best: dict[int, dict] = {}
     for _ in range(args.repeats):
         for m in args.micro:
@@ -146,7 +149,7 @@ def main() -> None:
                        "peak_rss_mib": max(r["peak_rss_mib"], prev["peak_rss_mib"])}
     first = best[args.micro[0]]
     print(f"\nPPO iteration: {args.prompts} prompts x <= {args.new} new tokens, model {MODEL}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"{args.threads} thread(s)")
     print(f"{'micro':>6} {'seconds':>8} {'x time':>7} {'CPU s':>7} {'x CPU':>6} {'peak MiB':>9} {'x memory':>9} "
           f"{'resp len':>9}")
     for m in args.micro:
