@@ -184,3 +184,27 @@ def test_critic_is_the_reward_backbone_with_a_zero_value_head(tmp_path):
         assert torch.allclose(again(ids), rm.values(ids), atol=1e-5)
         assert torch.allclose(critic.backbone(ids, return_hidden=True), rm.backbone(ids, return_hidden=True), atol=1e-5)
     assert critic.head.weight.requires_grad and not critic.backbone.output.weight.requires_grad
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_pair_stream_deals_every_pair_once_per_epoch_over_the_ranks(world):
+    """Epochs group a fresh shuffle by token budget, so their batch counts differ; the ranks together
+    still see every pair exactly once per epoch, in the 1-rank order."""
+    import random
+
+    from lm2cli.align.reward_model import EncodedPair
+
+    rng = random.Random(0)
+    enc = [EncodedPair([i + 1] * rng.randint(4, 60), [i + 2] * rng.randint(4, 60), "brief", i) for i in range(60)]
+    one = PairStream(enc, 300, 0, seed=4)
+    lengths = [one._length(e) for e in range(3)]
+    assert len(set(lengths)) > 1  # the case that matters: epochs of different batch counts
+    total = sum(lengths)
+    ranks = [PairStream(enc, 300, 0, seed=4, rank=r, world=world) for r in range(world)]
+    got = []
+    for _ in range(total // world):
+        got += [next(s)["input_ids"] for s in ranks]
+    want = [next(one)["input_ids"] for _ in range(len(got))]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    seen = sum(len(b) // 2 for b in want[:lengths[0]])
+    assert seen == len(enc)

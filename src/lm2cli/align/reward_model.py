@@ -323,10 +323,11 @@ def score_sequences(model: RewardModel, seqs: list[list[int]], pad_id: int, batc
 
 
 class PairStream:
-    """Pair batches for `fit`: a seeded shuffle per epoch, grouped by token budget. Batches are numbered
-    across epochs; rank r of W takes batch k + r where k counts the batches every rank has consumed, so
-    each rank trains different pairs and the position (one integer) is the same on every rank: a resumed
-    run continues on the very next batch, whatever its world size."""
+    """Pair batches for `fit`: a seeded shuffle per epoch, grouped by token budget (so an epoch's batch
+    count depends on its order). Batches are numbered across epochs; rank r of W takes batch k + r where k
+    counts the batches every rank has consumed, so each rank trains different pairs and the position (one
+    integer) is the same on every rank: a resumed run continues on the very next batch, whatever its world
+    size."""
 
     def __init__(self, pairs: list[EncodedPair], tokens_per_batch: int, pad_id: int, seed: int, rank: int = 0,
                  world: int = 1):
@@ -336,21 +337,35 @@ class PairStream:
         self.rank, self.world = rank, world
         self.consumed = 0
         self._epoch, self._batches = -1, None
-        self._per_epoch = len(token_budget_groups(pairs, tokens_per_batch))
+        self._lengths: dict[int, int] = {}
+
+    def _order(self, epoch: int) -> list[EncodedPair]:
+        order = list(self.pairs)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def _length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            self._lengths[epoch] = len(token_budget_groups(self._order(epoch), self.tokens_per_batch))
+        return self._lengths[epoch]
 
     def batches_per_epoch(self) -> int:
-        return self._per_epoch
+        """The first epoch's batch count (later epochs differ by a batch or two)."""
+        return self._length(0)
 
     def __iter__(self) -> "PairStream":
         return self
 
     def _batch(self, j: int) -> dict:
-        epoch, i = divmod(j, self._per_epoch)
+        epoch = 0
+        while j >= self._length(epoch):
+            j -= self._length(epoch)
+            epoch += 1
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = pair_batches(self.pairs, self.tokens_per_batch, self.pad_id,
-                                         seed=self.seed * 1_000_003 + epoch)
-        return self._batches[i]
+            self._batches = [collate(g, self.pad_id)
+                             for g in token_budget_groups(self._order(epoch), self.tokens_per_batch)]
+        return self._batches[j]
 
     def __next__(self) -> dict:
         batch = self._batch(self.consumed + self.rank)
@@ -368,4 +383,4 @@ class PairStream:
         if "batches_consumed" in state:
             self.consumed = int(state["batches_consumed"])
         else:  # written by lm2 before rank-sharded streams: (epoch, index)
-            self.consumed = int(state["epoch"]) * self._per_epoch + int(state["index"])
+            self.consumed = sum(self._length(e) for e in range(int(state["epoch"]))) + int(state["index"])
