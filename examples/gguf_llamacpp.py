@@ -7,7 +7,8 @@
 Needs `llama-cpp-python` (`pip install llama-cpp-python`, which compiles llama.cpp: several minutes);
 without it the script says so and exits 0. It exports CKPT with `lm2 export --format gguf`, tokenizes
 the prompt with both (ids must agree), compares the prompt's last-position logits (max |diff|) and
-decodes greedily with each; exit 1 if the token ids differ.
+decodes greedily with each; exit 1 if token ids differ (on the prompt, a few probe strings, or the
+greedy continuation).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+PROBES = ["12345678901 3.14159 2024年12月5日", "  leading  spaces\n\n\ttabs\r\n", "def f(x):\n    return x**2  # 注释",
+          "ÀÉÎ ñ ß ﬁ 😀👍🏽", "a" * 50 + " " + "9" * 20, "x\n\n\n  y", "it's THEY'RE we'll", "今天天气很好，我们去公园散步。"]
 DEMO_TEXT = ("InternLM2 was trained in three pre-training phases, then extended to long contexts, "
              "then aligned with supervised fine-tuning and online RLHF. ")
 
@@ -82,6 +85,9 @@ def main() -> int:
         their_prompt = llm.tokenize(args.prompt.encode("utf-8"), add_bos=True, special=False)
         llm.eval(their_prompt)
         their_logits = torch.tensor(llm.scores[len(their_prompt) - 1])
+        probes = [args.prompt, *PROBES]
+        same_ids = sum(llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) == tok.encode(t, bos=True)
+                       for t in probes)
         theirs = []
         for _ in range(args.tokens):
             nxt = int(llm.scores[llm.n_tokens - 1].argmax())
@@ -89,12 +95,13 @@ def main() -> int:
             llm.eval([nxt])
 
     same_prompt = list(their_prompt) == prompt
+    print(f"token ids equal on {same_ids}/{len(probes)} probe strings (digits, whitespace, code, zh, emoji)")
     print(f"prompt ids equal: {same_prompt} ({len(prompt)} tokens)")
     if same_prompt:
         print(f"prompt logits max |lm2 - llama.cpp|: {(our_logits - their_logits).abs().max().item():.3g}")
     print(f"lm2      : {ours}\n           {tok.decode(ours)!r}")
     print(f"llama.cpp: {theirs}\n           {tok.decode(theirs)!r}")
-    ok = same_prompt and ours == theirs
+    ok = same_prompt and ours == theirs and same_ids == len(probes)
     print(f"{args.tokens} greedy tokens {'equal' if ok else 'DIFFER'}")
     return 0 if ok else 1
 
