@@ -52,10 +52,8 @@ class ModelInput:
 
 
 def read_model_config(path: Path):
-    try:
-        from .convert import read_config
-    except ImportError:
-        from .model import read_config
+    from .convert import read_config
+
     return read_config(path)[0]
 
 
