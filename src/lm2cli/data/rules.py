@@ -119,16 +119,23 @@ def _gram_keys(ids: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+def _first_of_most_frequent(first: np.ndarray, counts: np.ndarray, top: int) -> int:
+    """Where the most frequent n-gram first occurs; among ties the earliest, as Counter.most_common picks.
+    (n-gram keys come from per-process salted hashes, so `argmax` over them would pick a different tied
+    n-gram, of a different length, in every process.)"""
+    return int(first[counts == top].min())
+
+
 def _top_ngram_frac(ids: np.ndarray, lens: np.ndarray, n: int, total: int) -> float:
     """Chars of the most frequent n-gram times its count, over all token chars (Gopher)."""
     if len(ids) < n or not total:
         return 0.0
     _, first, counts = np.unique(_gram_keys(ids, n), return_index=True, return_counts=True)
-    j = int(counts.argmax())
-    if counts[j] < 2:
+    top = int(counts.max())
+    if top < 2:
         return 0.0
-    start = int(first[j])
-    return float(lens[start:start + n].sum()) * int(counts[j]) / total
+    start = _first_of_most_frequent(first, counts, top)
+    return float(lens[start:start + n].sum()) * top / total
 
 
 def _dup_ngram_frac(ids: np.ndarray, lens: np.ndarray, n: int, total: int) -> float:
@@ -144,7 +151,8 @@ def _dup_ngram_frac(ids: np.ndarray, lens: np.ndarray, n: int, total: int) -> fl
     return float(lens[covered].sum()) / total
 
 
-def _repetition(doc: Doc, cfg) -> Optional[str]:
+def _dup_lines_paragraphs(doc: Doc, cfg) -> Optional[str]:
+    """Gopher's duplicate line and paragraph fractions (by count and by characters)."""
     for name, limit, (frac, char_frac) in (
         ("lines", (cfg.max_dup_line_frac, cfg.max_dup_line_char_frac), _dup_fraction(doc.lines)),
         ("paragraphs", (cfg.max_dup_para_frac, cfg.max_dup_para_char_frac), _dup_fraction(doc.paragraphs)),
@@ -153,6 +161,13 @@ def _repetition(doc: Doc, cfg) -> Optional[str]:
             return f"gopher_rep.dup_{name}"
         if limit[1] is not None and char_frac > limit[1]:
             return f"gopher_rep.dup_{name}_chars"
+    return None
+
+
+def _repetition(doc: Doc, cfg) -> Optional[str]:
+    reason = _dup_lines_paragraphs(doc, cfg)
+    if reason:
+        return reason
     ids, lens = doc.arrays()
     total = doc.token_chars
     for n, limit in zip((2, 3, 4), cfg.max_top_ngram_char_frac):
@@ -173,9 +188,9 @@ def _top_word_ngram_chars(keys: np.ndarray, lens: np.ndarray, n: int) -> int:
     """datatrove's `find_top_duplicate`: chars of the most frequent n-gram (words joined by one space) times
     its count."""
     _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-    j = int(counts.argmax())
-    start = int(first[j])
-    return (int(lens[start:start + n].sum()) + n - 1) * int(counts[j])
+    top = int(counts.max())
+    start = _first_of_most_frequent(first, counts, top)
+    return (int(lens[start:start + n].sum()) + n - 1) * top
 
 
 def _dup_word_ngram_chars(keys: np.ndarray, lens: np.ndarray, n: int) -> int:
@@ -198,14 +213,9 @@ def _dup_word_ngram_chars(keys: np.ndarray, lens: np.ndarray, n: int) -> int:
 def _word_repetition(doc: Doc, cfg) -> Optional[str]:
     """Gopher's repetition table as FineWeb-2 measured it for cmn_Hani: n-grams of jieba words, characters
     over the length of the text (datatrove's GopherRepetitionFilter)."""
-    for name, limit, (frac, char_frac) in (
-        ("lines", (cfg.max_dup_line_frac, cfg.max_dup_line_char_frac), _dup_fraction(doc.lines)),
-        ("paragraphs", (cfg.max_dup_para_frac, cfg.max_dup_para_char_frac), _dup_fraction(doc.paragraphs)),
-    ):
-        if limit[0] is not None and frac > limit[0]:
-            return f"gopher_rep.dup_{name}"
-        if limit[1] is not None and char_frac > limit[1]:
-            return f"gopher_rep.dup_{name}_chars"
+    reason = _dup_lines_paragraphs(doc, cfg)
+    if reason:
+        return reason
     ids, lens = doc.arrays()
     total = max(1, len(doc.text))
     for n, limit in zip((2, 3, 4), cfg.max_top_ngram_char_frac):
