@@ -274,14 +274,20 @@ class MemorySampler:
 
 
 def timed(cmd: list[str], env: dict, also=None, cwd=None) -> dict:
+    import resource
+
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with MemorySampler(lambda: [proc.pid], also) as mem:
         out, err = proc.communicate()
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{err[-4000:]}")
-    return {"wall": wall, "rss_mb": mem.peak / 2**20, "stdout": out}
+    # CPU of the child and every descendant it waited for (a Ray cluster's workers are not among them)
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    return {"wall": wall, "cpu_s": round(cpu, 1), "rss_mb": mem.peak / 2**20, "stdout": out}
 
 
 def clean_env() -> dict:
@@ -559,7 +565,7 @@ from lm2cli.config import DedupConfig, PrepareConfig
 from lm2cli.data import pipeline
 from lm2cli.data.executors import LocalExecutor, peak_rss_mb
 out, n, storage = Path({out!r}), {n}, {storage!r}
-cfg = PrepareConfig(dedup=DedupConfig(storage=storage))
+cfg = PrepareConfig(dedup=DedupConfig(storage=storage, memory_budget_mb={budget}))
 if storage == "disk":
     summary = pipeline.run_phase_b_disk(out, n, cfg, LocalExecutor(1), {{}})
 else:
@@ -568,7 +574,7 @@ print(json.dumps({{"rss_mb": peak_rss_mb(), **summary}}))
 """
 
 
-def dedup_scaling(files: list[Path], work: Path, workers: int) -> dict:
+def dedup_scaling(files: list[Path], work: Path, workers: int, budget_mb: float = 512.0) -> dict:
     from lm2cli.data.executors import LocalExecutor
 
     a = work / "signed"
@@ -588,7 +594,7 @@ def dedup_scaling(files: list[Path], work: Path, workers: int) -> dict:
             for t in range(n):
                 for name in (f"sig-{t:05d}.npy", f"dedup-{t:05d}.jsonl", f"done-{t:05d}.json"):
                     os.symlink(a / name, out / ".work" / "a" / name)
-            code = DEDUP_CHILD.format(src=str(ROOT / "src"), out=str(out), n=n, storage=storage)
+            code = DEDUP_CHILD.format(src=str(ROOT / "src"), out=str(out), n=n, storage=storage, budget=budget_mb)
             r = timed([sys.executable, "-c", code], clean_env())
             summary = json.loads(r["stdout"].strip().splitlines()[-1])
             gib = sum(files[t].stat().st_size for t in range(n)) / 2**30
@@ -599,7 +605,7 @@ def dedup_scaling(files: list[Path], work: Path, workers: int) -> dict:
             print(f"dedup {storage:<6} {rows[-1]['gib']:>6.3f} GiB {rows[-1]['documents']:>8} docs  peak RSS "
                   f"{rows[-1]['peak_rss_mb']:>6} MB  {rows[-1]['seconds']:>7.1f} s  dropped {rows[-1]['dropped']}",
                   flush=True)
-    return {"rows": rows, "budget_mb": 512}
+    return {"rows": rows, "budget_mb": budget_mb}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -612,6 +618,8 @@ def main() -> None:
     ap.add_argument("--engines", default="lm2-local,lm2-ray,datatrove", help="comma-separated; '' for none")
     ap.add_argument("--dedup-scaling", action="store_true", help="dedup stages alone (disk and in-memory) on "
                     "the signatures of the first quarter of the corpus and of all of it: peak RSS against size")
+    ap.add_argument("--dedup-budget-mb", type=float, default=512.0, help="prepare.dedup.memory_budget_mb for "
+                    "--dedup-scaling's disk runs")
     ap.add_argument("--datatrove-python", default=None, help="python of a venv with datatrove[processing], spacy, jieba")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lm2-bench")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: <cache>/results-<size>.json)")
@@ -633,8 +641,8 @@ def main() -> None:
         r["docs_per_s"] = round(n_docs / r["wall"], 1)
         results["tools"][name] = r
         out_path.write_text(json.dumps(results, indent=2))
-        print(f"{name:<10} {r['docs_per_s']:>10.0f} docs/s  {r['wall']:>8.1f} s wall  peak RSS {r['rss_mb']:>7.0f} MB  "
-              f"recall {r.get('recall')}", flush=True)
+        print(f"{name:<10} {r['docs_per_s']:>10.0f} docs/s  {r['wall']:>8.1f} s wall  {r.get('cpu_s', 0):>8.1f} s cpu  "
+              f"peak RSS {r['rss_mb']:>7.0f} MB  recall {r.get('recall')}", flush=True)
 
     engines = [e for e in args.engines.split(",") if e]
     if "lm2-local" in engines:
@@ -655,7 +663,7 @@ def main() -> None:
             r.update(recall(planted, *dt_ids(runs / "datatrove")))
             save("datatrove", r)
     if args.dedup_scaling:
-        results["dedup_scaling"] = dedup_scaling(files, runs / "dedup-scaling", args.workers)
+        results["dedup_scaling"] = dedup_scaling(files, runs / f"dedup-scaling-{size}", args.workers, args.dedup_budget_mb)
         out_path.write_text(json.dumps(results, indent=2))
     tools = results["tools"]
     if "lm2-local" in tools and "datatrove" in tools:
