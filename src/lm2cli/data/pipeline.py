@@ -4,8 +4,13 @@ Stages: format (read + standardize) → classify → rules → dedup → safety 
 into tasks (runs of input files, or byte ranges of big JSONL files, about `task_mb` each):
 
   phase A, per task, in parallel:  format, classify, rules, MinHash signature
-  phase B, once, in this process:  exact + MinHash-LSH dedup over every task's signatures
+  phase B, dedup over every task's signatures: by default as parallel stages over files, each task
+           within `dedup.memory_budget_mb` (dedup.py: exact shuffle/groups, band runs, band buckets,
+           clusters); with `dedup.storage` memory or redis, one datasketch LSH index in this process
   phase C, per task, in parallel:  apply dedup decisions, safety, quality → kept/part-XXXXX.jsonl
+
+Tasks run on an executor (executors.py): a local process pool or a Ray cluster (`--engine ray`); both
+run the same task functions, so the artefact is the same.
 
 Layout of `<workdir>/data/prepared/`:
   kept/part-XXXXX.jsonl                one record per line: {"id","text","source","content_type","lang","meta"}
