@@ -161,7 +161,9 @@ def demo_recipe(path: Path, quick: bool) -> Path:
         # 128 prompts per iteration and actor LR 2e-4: with 32 prompts at 5e-4 the (unwhitened) advantages
         # were so noisy that Adam's steps eroded the arithmetic faster than PPO learnt the style (gold fell
         # 0.49 -> 0.37 while the RM score rose). KL 0.02 keeps the policy near the reference meanwhile.
-        "ppo": {"iterations": 15 if quick else 30, "prompts_per_iteration": 128, "max_prompt_len": 64,
+        # max_prompt_len 96: the brief condition's system turn + question is 66 tokens in the current
+        # 768-token vocabulary (64 rejected every brief prompt).
+        "ppo": {"iterations": 15 if quick else 30, "prompts_per_iteration": 128, "max_prompt_len": 96,
                 "max_new_tokens": 64, "critic_warmup": 5, "actor_lr": 2.0e-4, "critic_lr": 5.0e-4, "minibatches": 4,
                 "kl_coef": 0.02, "ptx_coef": 0.5, "ptx_batch_size": 4, "ptx_seq_len": 128, "save_every": 1000},
         "online": {"rounds": 2, "patch_pairs_min": 20, "patch_pairs_max": 100},
