@@ -1,6 +1,6 @@
 """Demonstration: COOL RLHF on a tiny InternLM2 — a conditional reward model, PPO, and an online round.
 
-    python examples/rlhf_demo.py                   # 5-7 min on 2 CPU cores (OMP_NUM_THREADS=1 on a busy machine); workspace /tmp/lm2-rlhf-demo
+    python examples/rlhf_demo.py                   # 5-7 min on 2 CPU cores; workspace in /tmp/lm2-rlhf-demo
     python examples/rlhf_demo.py --workdir DIR --quick
 
 The task: "What is a + b?" (a, b in 1..9). An answer is either *brief* ("7") or *detailed* ("We compute
