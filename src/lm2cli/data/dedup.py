@@ -408,16 +408,29 @@ def band_runs(t: int, a_dir: str, b_dir: str, bands: int, rows: int, exact: bool
 
 
 class _Sigs:
-    """Signature rows by (task, row), memory-mapped: only the rows asked for are read."""
+    """Signature rows by (task, row), read one by one from the .npy files. Not memory-mapped: mapped pages
+    a bucket touches across every task's file would stay in its resident set, which would then grow with
+    the corpus (they are reclaimable page cache, but they count)."""
 
     def __init__(self, a_dir: Path):
-        self.a_dir, self.maps = a_dir, {}
+        self.a_dir, self.files = a_dir, {}
 
     def get(self, task: int, row: int) -> np.ndarray:
-        m = self.maps.get(task)
-        if m is None:
-            m = self.maps[task] = np.load(self.a_dir / f"sig-{task:05d}.npy", mmap_mode="r")
-        return np.asarray(m[row])
+        entry = self.files.get(task)
+        if entry is None:
+            f = open(self.a_dir / f"sig-{task:05d}.npy", "rb")
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            assert not fortran and len(shape) == 2
+            entry = self.files[task] = (f, f.tell(), shape[1] * dtype.itemsize, dtype)
+        f, offset, width, dtype = entry
+        f.seek(offset + row * width)
+        return np.frombuffer(f.read(width), dtype=dtype)
+
+    def close(self) -> None:
+        for f, *_ in self.files.values():
+            f.close()
 
 
 def buckets(b: int, q: int, a_dir: str, b_dir: str, n_tasks: int, parts: int, rows: int,
@@ -465,6 +478,7 @@ def buckets(b: int, q: int, a_dir: str, b_dir: str, n_tasks: int, parts: int, ro
                         continue
                     uf.union(i, j)
                     edges.append((nodes[i], nodes[j]))
+        sigs.close()
     _atomic_save(b_dir / "edges" / f"{b:03d}-{q:04d}.npy", np.array(edges, dtype=np.uint64).reshape(-1, 2))
     return {"band": b, "part": q, "rss_mb": peak_rss_mb()}
 
