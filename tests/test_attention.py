@@ -105,6 +105,18 @@ def test_cached_chunk_is_causal_bottom_right():
     torch.testing.assert_close(got, full[:, :, 5:], rtol=1e-5, atol=1e-5)
 
 
+def test_a_given_mask_wins_over_the_cached_chunk_rule():
+    # Left padding: 3 new queries after 5 cached keys with a padding mask. The mask (causal + padding) is
+    # what counts; the cached-chunk rule must not replace it (it would let queries see the pad keys).
+    q, k, v = _qkv(2, 4, 2, 8, seed=6)
+    keep = torch.tensor([[True] * 8, [False, False] + [True] * 6])
+    idx = torch.arange(8)
+    mask = ((idx[None, :] <= idx[:, None])[None, None] & keep[:, None, None, :]) | torch.eye(8, dtype=torch.bool)
+    got = attend(q[:, :, 5:], k, v, causal=True, mask=mask[:, :, 5:])
+    full = attend(q, k, v, mask=mask)
+    torch.testing.assert_close(got, full[:, :, 5:], rtol=1e-5, atol=1e-5)
+
+
 def test_model_packed_forward_and_gradients_match_dense_backend(monkeypatch):
     cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

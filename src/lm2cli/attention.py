@@ -255,7 +255,7 @@ def attend(
     if docs is not None:
         return _PACKED[backend or packed_backend(q.device, q.dtype)](q, k, v, docs)
     tq, tkv = q.shape[2], k.shape[2]
-    if causal and 1 < tq < tkv:  # a chunk of queries after cached keys: SDPA's is_causal aligns top-left
+    if mask is None and causal and 1 < tq < tkv:  # queries after cached keys: SDPA's is_causal aligns top-left
         idx = torch.arange(tkv, device=q.device)
         mask, causal = (idx[None, :] <= idx[tkv - tq:, None])[None, None], False
     # Decoding reads the shared KV heads in place instead of copying the whole cache qpk times every step.
