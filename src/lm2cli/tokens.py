@@ -64,7 +64,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError, Lm2Error, WrongArtefact
-from .tokenizer import Tokenizer, prepared_files
+from .data.prepared import prepared_files
+from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .config import Recipe, TokenizeConfig
