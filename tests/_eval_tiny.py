@@ -33,6 +33,29 @@ def model(seed: int = 0, max_len: int = 256) -> InternLM2:
     return InternLM2(cfg).eval()
 
 
+def plain_tokenizer():
+    """The 1.2k-id English-only vocabulary of the needle tests (no Chinese merges)."""
+    from collections import Counter
+
+    from lm2cli.tokenizer import build_vocab
+
+    return build_vocab(TokenizerConfig(n_en=1000, n_zh=0, n_spare=17, pad_multiple=128), Counter())[0]
+
+
+def spread_model(vocab_size: int, max_len: int) -> InternLM2:
+    """A random 2-layer model with its matrices scaled ×5: spread logits put greedy answers and forced
+    choices far from ties, so batched and unbatched paths must agree exactly."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len)
+    m = InternLM2(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(5.0)
+    return m
+
+
 def memorise(m: InternLM2, seqs: list[list[int]], steps: int = 150, lr: float = 3e-3, seed: int = 0) -> InternLM2:
     """Full-batch next-token training on `seqs` (every token is a target), enough to recite them."""
     torch.manual_seed(seed)

@@ -2,47 +2,31 @@
 length, the evaluation dtype, and `eval ppl` / `eval needle` sharded over 2 ranks equal to 1 rank."""
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from _eval_tiny import plain_tokenizer, spread_model
 
 from lm2cli import chat
-from lm2cli.config import ModelConfig, TokenizerConfig, load_recipe
+from lm2cli.config import load_recipe
 from lm2cli.evaluate import needle as N
 from lm2cli.evaluate.common import is_chat_checkpoint, load_model_fn, resolve_dtype
 from lm2cli.evaluate.parallel import World, length_batches, map_batches, my_batches
 from lm2cli.evaluate.ppl import batch_nll, token_nll
 from lm2cli.layout import Workspace, write_manifest
-from lm2cli.model import InternLM2
-from lm2cli.tokenizer import build_vocab
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_vocab(TokenizerConfig(n_en=1000, n_zh=0, n_spare=17, pad_multiple=128), Counter())[0]
+    return plain_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    m = InternLM2(cfg).eval()
-    with torch.no_grad():  # spread the logits so greedy answers and choices are far from ties
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.mul_(5.0)
-    return m
+    return spread_model(tok.vocab_size, max_len=256)
 
 
 def _save(model, tok, path, stage=None):

@@ -11,10 +11,10 @@ import torch
 
 from lm2cli.chat import encode_prompt
 from lm2cli.config import ModelConfig, TokenizerConfig
+from lm2cli.convert import save_model
 from lm2cli.errors import InputError
 from lm2cli.generate import default_stop_ids, generate, score_logprobs
 from lm2cli.layout import write_manifest
-from lm2cli.convert import save_model
 from lm2cli.model import InternLM2
 from lm2cli.tokenizer import build_vocab
 
@@ -22,13 +22,7 @@ CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidd
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Matrices this small gain nothing from intra-op threads, and lose a lot on a shared, busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

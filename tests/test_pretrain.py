@@ -9,13 +9,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from _train_ws import TINY_MODEL, build_tokens, workspace_with_tokens
 
 from lm2cli.config import load_recipe
+from lm2cli.convert import load_model
 from lm2cli.errors import InputError, WrongArtefact
 from lm2cli.layout import read_manifest
-from lm2cli.convert import load_model
 from lm2cli.pretrain import run_pretrain
 from lm2cli.tokens import TokenStore
 from lm2cli.train.engine import clean_env
@@ -27,12 +26,7 @@ def tokens(tmp_path_factory):
     return build_tokens(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Stage 1 stops well short of convergence, so stages 2 and 3 still have something to learn.

@@ -23,12 +23,7 @@ def released(tmp_path_factory):
     return released_folder(tmp_path_factory.mktemp("released") / "internlm2-tiny", spm)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(folder):

@@ -10,9 +10,9 @@ import torch
 
 from lm2cli import synthetic
 from lm2cli.config import ModelConfig, TokenizerConfig, load_recipe
+from lm2cli.convert import load_model, save_model
 from lm2cli.errors import InputError
 from lm2cli.layout import Workspace, read_manifest, write_manifest
-from lm2cli.convert import load_model, save_model
 from lm2cli.model import InternLM2
 from lm2cli.sft import RowBatches, run_sft
 from lm2cli.tokenizer import Tokenizer, build_vocab
@@ -21,12 +21,7 @@ SMALL = ["sft.max_len=256", "sft.train.micro_batch_size=4", "sft.train.lr=3e-3",
          "sft.train.eval_every=4", "sft.train.eval_batches=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from _train_ws import build_tokens
 from safetensors.torch import load_file
 
 from lm2cli.config import ModelConfig, TrainConfig
+from lm2cli.convert import load_model
 from lm2cli.errors import InputError
 from lm2cli.layout import read_manifest
-from lm2cli.convert import load_model
 from lm2cli.model import InternLM2
 from lm2cli.tokens import TokenStore
 from lm2cli.train import checkpoint as ckpt_mod
@@ -33,13 +33,7 @@ def store(tmp_path_factory):
     return TokenStore(build_tokens(tmp_path_factory.mktemp("tok")))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads per op on a shared 2-core machine oversubscribe badly; one is fast and deterministic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CFG = TrainConfig(seq_len=32, micro_batch_size=2, grad_accum=2, max_steps=6, lr=3e-3, warmup_ratio=0.34,

@@ -27,12 +27,7 @@ def whole(model, c: TrainConfig) -> dict:
     return Engine(model, c, 0, init_distributed(), trainable=False).full_state_dict()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_fresh_model_has_the_same_weights_dense_or_partitioned():

@@ -93,6 +93,18 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Prompts right-aligned in one [n, width] batch: (ids, attention mask, whether any row is padded).
+    Without padding callers pass no mask, so the model takes its plain causal path."""
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids.to(device), mask.to(device), bool((mask == 0).any())
+
+
 def _generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, stops, gen, pad_id, include_stop):
     n = len(prompts)
     outs: list[list[int]] = [[] for _ in range(n)]
@@ -100,15 +112,8 @@ def _generate_batch(model, prompts, max_new_tokens, temperature, top_p, top_k, s
         return outs
     device = _device(model)
     dtype = next(model.parameters()).dtype
-    width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    # Without padding the model's plain causal path applies (no mask tensor at all).
-    padded = bool((mask == 0).any())
+    ids, mask, padded = left_pad(prompts, pad_id, device)
+    width = ids.shape[1]
     cache = KVCache(model.config, n, width + max_new_tokens, device=device, dtype=dtype)
     stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     live = list(range(n))  # batch row -> prompt row

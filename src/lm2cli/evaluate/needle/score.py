@@ -90,21 +90,16 @@ def shared_prefix_logprobs(model, prompts: Sequence[Sequence[int]], continuation
     attention never lets a real token see a later pad)."""
     import torch
 
+    from ...generate import left_pad
     from ...model import KVCache
 
     if any(not c for cs in continuations for c in cs):
         raise ValueError("every forced-choice continuation needs at least one token")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    n, width = len(prompts), max(len(p) for p in prompts)
     tail = max(len(c) for cs in continuations for c in cs) - 1  # the last token is predicted, never fed
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    padded = bool((mask == 0).any())
+    ids, mask, padded = left_pad(prompts, pad_id, device)
+    n, width = ids.shape
     rows = [(s, j) for s, cs in enumerate(continuations) for j in range(len(cs))]
     out = [[0.0] * len(cs) for cs in continuations]
     with torch.inference_mode():
