@@ -12,8 +12,8 @@ every rank must run the same number of forwards, which is why work is split into
     gather_objects(x, dist)     every rank's x, in rank order, on every rank
     frozen_hash(model, dist)    sha256 of a frozen model's weights as it computes (one tensor gathered at a time)
 
-`train.engine.Engine(..., trainable=False)` does the same for ZeRO-3; below ZeRO-3 a frozen model here
-stays a plain module (no DeepSpeed wrapper, no ZeRO-1/2 optimizer it would never use).
+`frozen` is `train.engine.frozen_model`, which `Engine(..., trainable=False)` also uses: below ZeRO-3 a
+frozen model stays a plain module (no DeepSpeed wrapper, no ZeRO-1/2 optimizer it would never use).
 """
 
 from __future__ import annotations
@@ -24,23 +24,11 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import InputError
+from ..train.engine import frozen_model
 
 
-def frozen(model: torch.nn.Module, dist, ds_config: dict):
-    """The model ready to score under `ds_config` (`models.frozen_config`): eval mode, no gradients; a
-    ZeRO-3 inference engine when the config is ZeRO-3 (callable like the module; `.module` is the module),
-    else the module itself on the device in the config's dtype."""
-    from ..train.engine import config_zero_stage, run_dtype
-
-    model.requires_grad_(False)
-    model.eval()
-    if config_zero_stage(ds_config) != 3:
-        return model.to(device=dist.device, dtype=run_dtype(ds_config))
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
-    engine.eval()
-    return engine
+# The one implementation lives with the engine; RLHF calls it by its own name.
+frozen = frozen_model
 
 
 def module_of(model) -> torch.nn.Module:

@@ -425,6 +425,22 @@ def _load_converted(model, folder: Path, params: dict, dist: Dist, strict: bool)
 # The engine
 
 
+def frozen_model(model: torch.nn.Module, dist: Dist, ds_config: dict):
+    """A model that scores but never trains, under `ds_config`: eval mode, no gradients; a ZeRO-3
+    inference engine when the config is ZeRO-3 (callable like the module; `.module` is the module), else
+    the module itself on the device in the config's dtype (DeepSpeed's ZeRO-1/2 need an optimizer; a
+    frozen model needs no wrapper at all)."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    model.eval()
+    if config_zero_stage(ds_config) != 3:
+        return model.to(device=dist.device, dtype=run_dtype(ds_config))
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
 class Engine:
     """A DeepSpeed engine plus what the loop needs: the step with its grad norm, the LR, full weights.
 
@@ -450,15 +466,11 @@ class Engine:
         self.cfg, self.dist, self.total_steps, self.trainable = cfg, dist, total_steps, trainable
         self.config = dict(ds_config) if ds_config else deepspeed_config(cfg, dist.world)
         if not trainable:
-            _ = [p.requires_grad_(False) for p in model.parameters()]
-            model.eval()
             self.zero_stage = config_zero_stage(self.config)
             self.clip_here = False
             self.optimizer = self.scheduler = self.schedule = None
-            if self.zero_stage == 3:
-                self.ds, *_ = deepspeed.initialize(model=model, config=self.config, dist_init_required=False)
-            else:  # DeepSpeed's ZeRO-1/2 need an optimizer; a frozen model needs no wrapper at all
-                self.ds, self._module = None, model.to(device=dist.device, dtype=run_dtype(self.config))
+            served = frozen_model(model, dist, self.config)
+            self.ds, self._module = (served, None) if self.zero_stage == 3 else (None, served)
             return
         expected = (cfg.micro_batch_size, cfg.grad_accum)
         got = (self.config.get("train_micro_batch_size_per_gpu"), self.config.get("gradient_accumulation_steps"))
