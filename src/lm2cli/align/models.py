@@ -16,25 +16,13 @@ policy's size on each rank.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..config import TrainConfig
-from ..errors import InputError
-
-
-def model_config(path: Path, seq_len: int, tok):
-    """The checkpoint's `ModelConfig` with a context of at least `seq_len` and `tok`'s special ids."""
-    from ..stages import read_model_config
-
-    cfg = read_model_config(Path(path))
-    if tok.vocab_size > cfg.vocab_size:
-        raise InputError(f"{path}: the tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
-    return dataclasses.replace(cfg, max_position_embeddings=max(seq_len, cfg.max_position_embeddings),
-                               bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+from ..train.finetune import fitted_config
 
 
 def frozen_config(precision: str, world: int, zero3: bool, offload: bool = False) -> tuple[TrainConfig, dict]:
@@ -53,7 +41,7 @@ def frozen_config(precision: str, world: int, zero3: bool, offload: bool = False
 def policy_model(path: Path, cfg: TrainConfig, dist, seq_len: int, tok, ds_config: Optional[dict] = None):
     from ..train.engine import build_model
 
-    return build_model(model_config(path, seq_len, tok), cfg, dist, init_from=Path(path), ds_config=ds_config)
+    return build_model(fitted_config(Path(path), seq_len, tok), cfg, dist, init_from=Path(path), ds_config=ds_config)
 
 
 def reward_model(path: Path, cfg: TrainConfig, dist, seq_len: int, tok, head: str = "zero",
@@ -66,7 +54,7 @@ def reward_model(path: Path, cfg: TrainConfig, dist, seq_len: int, tok, head: st
     from .reward_model import HEAD_FILE, RewardModel
 
     ds_config = ds_config or deepspeed_config(cfg, dist.world)
-    backbone = build_model(model_config(path, seq_len, tok), cfg, dist, init_from=Path(path), ds_config=ds_config)
+    backbone = build_model(fitted_config(Path(path), seq_len, tok), cfg, dist, init_from=Path(path), ds_config=ds_config)
     sharded = config_zero_stage(ds_config) == 3
     # Under ZeRO-3 the head is partitioned as it is made (the backbone's parameters already are).
     with (deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False) if sharded

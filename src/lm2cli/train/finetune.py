@@ -63,21 +63,28 @@ class RowBatches:
         self.consumed = int(state["rows_consumed"])
 
 
-def build_model(source: Path, max_len: int, tok, train, dist):
-    """The source weights with a context of at least `max_len` (RoPE settings unchanged), built for the
-    run's `TrainConfig` by `train.engine.build_model`: partitioned at construction under ZeRO-3, in the
-    run's dtype, the weights streamed in tensor by tensor (no rank holds a second copy)."""
+def fitted_config(source: Path, max_len: int, tok):
+    """The checkpoint's `ModelConfig` with a context of at least `max_len` (RoPE settings unchanged) and
+    `tok`'s special ids; refuses a tokenizer larger than the model's vocabulary."""
     from ..stages import read_model_config
-    from .engine import build_model as build
 
     src = read_model_config(Path(source))
     if tok.vocab_size > src.vocab_size:
         raise InputError(f"{source}: the tokenizer has {tok.vocab_size} ids, the model only {src.vocab_size}")
+    return dataclasses.replace(src, max_position_embeddings=max(max_len, src.max_position_embeddings),
+                               bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def build_model(source: Path, max_len: int, tok, train, dist):
+    """The source weights in `fitted_config`, built for the run's `TrainConfig` by
+    `train.engine.build_model`: partitioned at construction under ZeRO-3, in the run's dtype, the
+    weights streamed in tensor by tensor (no rank holds a second copy)."""
+    from .engine import build_model as build
+
+    cfg = fitted_config(source, max_len, tok)
     if dist.is_main and _zero_embedding_row(Path(source), tok.eos_id):
         # SPEC P1: an HF-initialised `padding_idx = eos` leaves the EOS embedding at zero, and SFT must teach it.
         warn(f"{source}: the </s> embedding row is all zeros (padding_idx = eos at init?); it trains from zero")
-    cfg = dataclasses.replace(src, max_position_embeddings=max(max_len, src.max_position_embeddings),
-                              bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     return build(cfg, train, dist, init_from=Path(source))
 
 
