@@ -61,6 +61,26 @@ def test_real_english_news_is_kept():
     assert reasons[None] == 272, reasons.most_common(8)
 
 
+@pytest.mark.timeout(300)
+def test_words_are_python_jiebas_word_for_word(zh_news):
+    """lm2 segments with jieba-rs for speed; FineWeb-2's thresholds mean jieba's words, so they must be the
+    same words, on real Chinese and English news (ASCII runs, numbers, URLs and all)."""
+    import logging
+    import unicodedata
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+
+    def reference(text: str) -> list[str]:
+        norm = unicodedata.normalize("NFKC", text).lower()
+        return [w for w in (t.strip() for t in jieba.lcut(norm)) if w]
+
+    texts = zh_news + realtext.load("en_news") + ["我爱c++和www.peopledaily.com.cn，速度14.4kbps，比分66-0，增长3.5%。"]
+    differ = [t[:60] for t in texts if rules.zh_words(t) != reference(t)]
+    assert not differ, differ[:3]
+
+
 def test_chinese_measures_count_jieba_words():
     text = "１９９８年，中国人民决心继承邓小平同志的遗志。"
     words = rules.zh_words(text)
