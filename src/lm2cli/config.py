@@ -500,7 +500,10 @@ class PPOConfig:
     zero_stage: Optional[int] = None  # overrides the stage that `sharding` implies
     activation_checkpointing: bool = False
     frozen_offload: bool = False  # reference and reward model parameters in CPU memory (ZeRO-3 inference)
-    rollout_backend: str = "lm2"  # who generates rollouts (align/rollout.py); lm2's own generate by default
+    rollout_backend: Literal["lm2", "vllm"] = "lm2"  # who generates rollouts (align/rollout.py); vllm: CUDA + vLLM
+    vllm_gpu_memory_utilization: float = 0.3  # vllm: its share of each GPU (weights + KV cache) beside training
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # vllm: auto = `precision`
+    vllm_sleep: bool = True  # vllm: free its GPU memory between rollout phases (sleep mode, weights to host)
     save_every: int = 25
     keep_last: int = 2
     seed: int = 0
@@ -520,6 +523,9 @@ class PPOConfig:
         _check(self.micro_batch_size >= 1 and self.generate_batch_size >= 1,
                "rlhf.ppo.micro_batch_size and generate_batch_size must be >= 1")
         _check(self.zero_stage in (None, 0, 1, 2, 3), "rlhf.ppo.zero_stage must be 0, 1, 2 or 3")
+        _check(0 < self.vllm_gpu_memory_utilization <= 1, "rlhf.ppo.vllm_gpu_memory_utilization must be in (0, 1]")
+        _check(self.rollout_backend != "vllm" or self.temperature <= 2,
+               "rlhf.ppo.temperature must be <= 2 with rollout_backend vllm (vLLM's bound)")
 
     @property
     def resolved_zero_stage(self) -> int:

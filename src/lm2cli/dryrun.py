@@ -494,6 +494,7 @@ def rlhf_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional
              hostfile: Optional[Path] = None, gpu: Optional[str] = None) -> Report:
     from . import plan
     from .align.ppo import engine_config, ppo_layout
+    from .align.rollout import require_backend
     from .align.run import PPO_KIND, data_file
 
     cfg = recipe.rlhf.ppo
@@ -518,6 +519,7 @@ def rlhf_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional
         if src is not None:
             check_weights(report, src, shapes)
     deepspeed_for(report, train)
+    report.attempt(lambda: require_backend(cfg))
     per_rank = report.attempt(lambda: ppo_layout(cfg, report.world)) or {}
     report.batch = {"prompts_per_iteration": cfg.prompts_per_iteration, "rollout_tokens": cfg.prompts_per_iteration
                     * length, "iterations": cfg.iterations, **per_rank}

@@ -288,9 +288,10 @@ def run_ppo(ws: Workspace, recipe: Recipe, run: str = "default", data: Optional[
     from .ppo import PPOTrainer, encode_prompts, engine_config
     from .ptx import ptx_source
     from .reward_model import INFO_FILE, reward_exporter
-    from .rollout import rollout_backend
+    from .rollout import require_backend, rollout_backend
 
     t_start = time.perf_counter()
+    require_backend(recipe.rlhf.ppo)  # before any rank starts or any model loads
     policy = policy_checkpoint(ws, run, from_)
     reward_path = reward_checkpoint(ws, run, reward)
     data_path = data_file(data, "prompts.jsonl", "PPO prompts")
