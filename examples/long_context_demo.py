@@ -180,8 +180,9 @@ def run_one(args) -> bool:
     # evaluation's reads >= 90 % at 256 tokens, up to --max-steps1.
     steps1, checks = args.steps1, []
     while True:
-        step("stage1" if not checks else f"stage1-to-{steps1}", f"lm2 pretrain --stage 1  (context 256, RoPE base 50,000, short passkey documents, "
-                       f"max_steps {steps1})")
+        step("stage1" if not checks else f"stage1-to-{steps1}", "lm2 pretrain --stage 1  (context 256, RoPE base "
+             f"50,000, short passkey documents, max_steps {steps1})")
+        # the recipe of this chunk; the extension and needles below use the last one
         recipe = load_recipe("tiny", recipe_overrides(argparse.Namespace(**{**vars(args), "steps1": steps1})))
         run_pretrain(ws, recipe, 1)
         stage1 = ws.stage_dir("pretrain-stage1") / "final"
@@ -191,7 +192,6 @@ def run_one(args) -> bool:
         if check >= 90.0 or steps1 >= args.max_steps1:
             break
         steps1 = min(steps1 + args.chunk1, args.max_steps1)
-    recipe = load_recipe("tiny", recipe_overrides(argparse.Namespace(**{**vars(args), "steps1": steps1})))
 
     lengths = [128, 256, 512, 1024]
     step("needle1", f"lm2 needle {stage1} --lengths {','.join(map(str, lengths))}")

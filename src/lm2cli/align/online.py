@@ -109,10 +109,12 @@ def run_online(ws: Workspace, recipe: Recipe, run: str = "default", data: Option
     many ranks (run from a launcher, this process is one of the ranks: use `--nproc` instead)."""
     from ..errors import InputError
     from ..train.engine import launched
+    from .rollout import require_backend
 
     if launched():
         raise InputError("lm2 rlhf online starts each round's ranks itself: run it as one process with --nproc N")
     cfg, ppo_cfg = recipe.rlhf.online, recipe.rlhf.ppo
+    require_backend(ppo_cfg)  # before round 1's reward model trains, not after it
     policy = policy_checkpoint(ws, run, from_)
     pairs_path = data_file(data, "pairs.jsonl", "preference data")
     prompts_path = data_file(prompts, "prompts.jsonl", "PPO prompts")

@@ -218,7 +218,8 @@ def response_ids(output, stop_ids, eos_id: int) -> list[int]:
 
 
 def require_backend(cfg) -> None:
-    """Refuse, before any model is built (`rlhf ppo`, its `--dry-run`), a backend this machine cannot run."""
+    """Refuse, before any model is built (`rlhf ppo`, `rlhf online`, `--dry-run`), a backend this machine
+    cannot run."""
     if cfg.rollout_backend != "vllm":
         return
     try:
@@ -229,8 +230,7 @@ def require_backend(cfg) -> None:
 
 
 def rollout_backend(cfg, tok) -> RolloutBackend:
-    """The backend `rlhf.ppo.rollout_backend` names."""
-    require_backend(cfg)
+    """The backend `rlhf.ppo.rollout_backend` names (checked up front by `require_backend`)."""
     if cfg.rollout_backend == "vllm":
         return VllmRollout(cfg, tok.stop_ids, tok.eos_id)
     return Lm2Rollout(cfg, tok.stop_ids, tok.pad_id)
