@@ -216,7 +216,15 @@ def test_released_config_forms_are_read(tmp_path):
     cfg, kind = read_config(tmp_path / "rel")
     assert kind == "internlm2" and cfg.rope_theta == 1e6 and cfg.rope_scaling == {"type": "dynamic", "factor": 2.5}
     assert cfg.eos_token_id == 2
-    raw.update(bias=True)
+    # an early chat mirror: InternLM2's architecture under InternLM's model_type and config class
+    raw.update(model_type="internlm", auto_map={"AutoConfig": "configuration_internlm.InternLMConfig"})
+    (tmp_path / "rel" / "config.json").write_text(json.dumps(raw))
+    assert read_config(tmp_path / "rel")[1] == "internlm2"
+    raw.update(architectures=["InternLMForCausalLM"])  # InternLM 1: biases, separate q/k/v
+    (tmp_path / "rel" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="'internlm' model .InternLMForCausalLM"):
+        read_config(tmp_path / "rel")
+    raw.update(architectures=["InternLM2ForCausalLM"], bias=True)
     (tmp_path / "rel" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(InputError, match="bias"):
         read_config(tmp_path / "rel")

@@ -334,6 +334,24 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     } | extra
 
 
+ARCHITECTURES = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama"}
+
+
+def model_type_of(raw: dict) -> str:
+    """The layout the weights follow: the architecture names it (some InternLM2 folders, early chat
+    mirrors among them, say `model_type: "internlm"` beside `InternLM2ForCausalLM`), else `model_type`."""
+    for arch in raw.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    return raw.get("model_type", "internlm2")
+
+
+def folder_model_type(folder: str | Path) -> str:
+    """`model_type_of` a folder's config.json ("internlm2" for a folder without one: lm2's own layout)."""
+    cfg = Path(folder) / "config.json"
+    return model_type_of(json.loads(cfg.read_text())) if cfg.is_file() else "internlm2"
+
+
 def read_config(path: str | Path) -> tuple[ModelConfig, str]:
     """(config, "internlm2" | "llama") of a model folder."""
     path = Path(path)
@@ -344,9 +362,10 @@ def read_config(path: str | Path) -> tuple[ModelConfig, str]:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg_file} is not valid JSON: {e}") from None
-    model_type = raw.get("model_type", "internlm2")
+    model_type = model_type_of(raw)
     if model_type not in ("internlm2", "llama"):
-        raise InputError(f"{path} holds a {model_type!r} model; lm2 loads internlm2 or llama checkpoints")
+        raise InputError(f"{path} holds a {model_type!r} model ({', '.join(raw.get('architectures') or [])}); "
+                         "lm2 loads InternLM2ForCausalLM or LlamaForCausalLM checkpoints")
     try:
         return model_config_from_hf(raw, model_type), model_type
     except KeyError as e:

@@ -177,7 +177,9 @@ def meta_model(cfg: ModelConfig, role: str = "model") -> tuple[dict, dict]:
 
 def check_weights(report: Report, source: ModelInput, expected: dict[str, tuple]) -> None:
     """The input's weights must have the names and shapes the config promises (lm2 / HF InternLM2 names)."""
-    if read_model_type(source.path) == "llama":
+    from .convert import folder_model_type
+
+    if folder_model_type(source.path) == "llama":
         report.notes.append(f"{source.path}: Llama-format weights; names are mapped at load, shapes not checked here")
         return
     found = report.attempt(lambda: weight_shapes(source.path))
@@ -209,11 +211,6 @@ def weight_shapes(folder: Path) -> dict[str, tuple]:
         except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f"{f}: unreadable safetensors header ({e}); the checkpoint is corrupt or partial") from None
     return shapes
-
-
-def read_model_type(folder: Path) -> str:
-    cfg = folder / "config.json"
-    return json.loads(cfg.read_text()).get("model_type", "internlm2") if cfg.is_file() else "internlm2"
 
 
 def deepspeed_for(report: Report, cfg: TrainConfig, ds: Optional[dict] = None) -> None:

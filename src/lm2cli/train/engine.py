@@ -357,11 +357,6 @@ class WeightFiles:
         self._stack.close()
 
 
-def _model_type(folder: Path) -> str:
-    cfg = Path(folder) / "config.json"
-    return json.loads(cfg.read_text()).get("model_type", "internlm2") if cfg.is_file() else "internlm2"
-
-
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, folder: Path, dist: Dist, strict: bool = True) -> None:
     """Fill `model` from the checkpoint folder's safetensors, one tensor at a time: no rank ever holds
@@ -372,7 +367,9 @@ def load_weights(model: torch.nn.Module, folder: Path, dist: Dist, strict: bool 
     `wqkv` is assembled from three tensors)."""
     folder = Path(folder)
     params = dict(model.named_parameters())
-    if _model_type(folder) != "internlm2":
+    from ..convert import folder_model_type
+
+    if folder_model_type(folder) != "internlm2":
         _load_converted(model, folder, params, dist, strict)
         return
     files = WeightFiles(folder)
