@@ -1,7 +1,8 @@
 """A released-style InternLM2 folder (tests/_released.py: SentencePiece tokenizer.model + tokenizer_config.json,
 sharded bf16 safetensors, no lm2 manifest) runs in every lm2 command that takes a model, unchanged:
-generate, chat, sft --from, eval ppl, eval needle, tokenize --tokenizer, pretrain --from, rlhf reward; its logits are the bf16 weights' logits; SFT from it
-exports back to the same layout with the SentencePiece tokenizer carried, and reloads."""
+generate, chat, sft --from, eval ppl, eval needle, eval opencompass, tokenize --tokenizer, pretrain --from,
+extend-context --from, rlhf reward, rlhf ppo; its logits are the bf16 weights' logits; SFT from it exports back
+to the same layout with the SentencePiece tokenizer carried, and reloads."""
 
 from __future__ import annotations
 
@@ -163,3 +164,29 @@ def test_tokenize_pretrain_and_reward_model_from_the_released_folder(released, t
                               "--set", "rlhf.reward.train.epochs=0.2"])
     assert res.exit_code == 0, res.output
     assert Tokenizer.load(ws.stage_dir("rlhf-reward") / "final").reward_id == VOCAB - 17
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"condition": "default", "prompt": [{"role": "user", "content": f"{a} + 1?"}]})
+                               + "\n" for a in range(8)))
+    res = runner.invoke(app, ["rlhf", "ppo", *common, "--from", str(released), "--data", str(prompts),
+                              "--reward", str(ws.stage_dir("rlhf-reward") / "final"),
+                              *[x for s in ("iterations=2", "critic_warmup=1", "prompts_per_iteration=4",
+                                            "max_new_tokens=6", "minibatches=2", "ptx_coef=0")
+                                for x in ("--set", f"rlhf.ppo.{s}")]])
+    assert res.exit_code == 0, res.output
+    assert Tokenizer.load(ws.stage_dir("rlhf-ppo") / "final").backend == "sentencepiece"
+    res = runner.invoke(app, ["extend-context", *common, "--from", str(released), "--method", "base",
+                              "--seq-len", "1024", "--rope-theta", "1e6", "--set", "extend_context.train.max_steps=2"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((ws.stage_dir("extend-context") / "final" / "config.json").read_text())
+    assert (cfg["max_position_embeddings"], cfg["rope_theta"]) == (1024, 1e6)
+    assert read_manifest(ws.stage_dir("extend-context"))["inputs"]
+
+
+def test_eval_opencompass_runs(released, tmp_path):
+    from lm2cli.config import examples_dir
+
+    res = CliRunner().invoke(app, ["eval", "opencompass", str(released), "--workdir", str(tmp_path / "ws"), "--recipe",
+                                   "tiny", "-d", str(examples_dir() / "eval" / "en_mcq.jsonl")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "ws" / "eval" / "default" / "opencompass" / "summary.json").read_text())
+    assert "en_mcq" in json.dumps(summary)
