@@ -250,3 +250,17 @@ def test_a_folder_without_added_tokens_decoder_names_the_top_spares(spm_dir, tmp
     old, new = Tokenizer.load(tmp_path), Tokenizer.load(spm_dir)
     assert [old.token_to_id(t) for t in CHAT_TOKENS] == [new.token_to_id(t) for t in CHAT_TOKENS]
     assert old.fingerprint == new.fingerprint
+
+
+@pytest.mark.parametrize("which", ["built_pair", "default_pair", "spm_pair"])
+def test_real_news_documents_get_lm2_ids(which, request):
+    """Whole real articles (People's Daily, ABC news; lm2cli.data.realtext), not test strings: HF's ids and
+    decode equal lm2's on every one."""
+    from lm2cli.data import realtext
+
+    tok, hf = request.getfixturevalue(which)
+    docs = realtext.load("zh_news") + realtext.load("en_news")
+    ours, theirs = tok.encode_batch(docs), _ids(hf, docs)
+    diff = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    assert not diff, f"{len(diff)} of {len(docs)} documents differ, first: {docs[diff[0]][:80]!r}"
+    assert hf.batch_decode(theirs) == [tok.decode(ids) for ids in ours]
