@@ -520,6 +520,17 @@ def _model_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return next(iter(state.values())).dtype if state else torch.float32
 
 
+def write_model_files(path: Path, config: dict, cfg: ModelConfig, stop_ids) -> None:
+    """An HF model folder but its weights and tokenizer: config.json, generation_config.json (stopping on
+    `stop_ids`) and, where the config's `auto_map` points at it, lm2's InternLM2 modeling code."""
+    if "auto_map" in config:
+        for name in HF_CODE:
+            shutil.copyfile(HF_CODE_DIR / name, path / name)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(stop_ids), "pad_token_id": cfg.pad_token_id}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
 def save_model(model, path: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                max_shard_size: int | str | None = None, fmt: str = "internlm2") -> Path:
     """Write `model` (anything with `config` and `state_dict()`) as a complete HF folder.
@@ -539,16 +550,10 @@ def save_model(model, path: str | Path, tokenizer=None, dtype: torch.dtype | Non
     elif fmt == "internlm2":
         yarn = (cfg.rope_scaling or {}).get("type") == "yarn"
         config = _lm2_only_config(cfg, dtype) if yarn else internlm2_config(cfg, dtype)
-        if not yarn:
-            for name in HF_CODE:
-                shutil.copyfile(HF_CODE_DIR / name, path / name)
     else:
         raise InputError(f"unknown HF folder format {fmt!r}; use internlm2 or llama")
     _write_weights(path, state, dtype, parse_size(max_shard_size))
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    stop = list(tokenizer.stop_ids) if tokenizer is not None else [cfg.eos_token_id]
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop, "pad_token_id": cfg.pad_token_id}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_model_files(path, config, cfg, tokenizer.stop_ids if tokenizer is not None else [cfg.eos_token_id])
     if tokenizer is not None:  # lm2's own files and the HF ones (tokenizer.json, chat template, ...)
         tokenizer.save(path)
     return path

@@ -19,7 +19,6 @@ the same micro-batches whatever the number of ranks.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -179,15 +178,9 @@ def write_hf_config(model_config, folder: Path, stop_ids, dtype: str) -> None:
     `internlm2_config`, YaRN refused there), lm2's configuration/modeling code and generation_config.json."""
     import torch
 
-    from ..convert import HF_CODE, HF_CODE_DIR, internlm2_config
+    from ..convert import internlm2_config, write_model_files
 
-    config = internlm2_config(model_config, getattr(torch, dtype))
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in HF_CODE:
-        shutil.copyfile(HF_CODE_DIR / name, folder / name)
-    gen = {"bos_token_id": model_config.bos_token_id, "eos_token_id": list(stop_ids),
-           "pad_token_id": model_config.pad_token_id}
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_model_files(folder, internlm2_config(model_config, getattr(torch, dtype)), model_config, stop_ids)
 
 
 def actor_weights(actor_engine) -> Iterator[tuple]:
